@@ -152,7 +152,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     """
     run_dir = Path(run_dir)
     if resume and checkpoint.exists(run_dir):
-        config = TrainConfig.from_json(checkpoint.load(run_dir)[1]["config"] | {"device": config.device})
+        # a step budget says how far to go, not what to train: a given max_steps replaces the saved one
+        overrides = {"device": config.device} | ({"max_steps": config.max_steps} if config.max_steps is not None else {})
+        config = TrainConfig.from_json(checkpoint.load(run_dir)[1]["config"] | overrides)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_data(config.data, config.image_size, config.channels)
@@ -164,6 +166,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     val_images = torch.from_numpy(val_set.images)
 
     model, optimizer, generator, progress, history = _model_and_state(config, image_shape, run_dir, resume)
+    progress["done"] = config.max_steps is not None and progress["global_step"] >= config.max_steps
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.kl_warmup_epochs * steps_per_epoch)
@@ -214,12 +217,16 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
         progress.update(epoch=epoch + 1, step_in_epoch=0, sums={}, seconds=0.0)
         checkpoint_now()
     bar.close()
-    finish(run_dir, model, history, config)
+    finish(run_dir, model, history, config, val_images if len(val_images) else images)
     return checkpoint.resolve(run_dir)
 
 
-def finish(run_dir: Path, model, history: list[dict], config: TrainConfig) -> None:
-    """The loss-curve PNG and a sample grid, written at the end of a run."""
+def finish(run_dir: Path, model, history: list[dict], config: TrainConfig, images: torch.Tensor | None = None) -> None:
+    """The loss-curve PNG and a sample grid, written at the end of a run.
+
+    A model that cannot sample (a VQ-VAE before its prior is trained) but can `reconstruct`
+    gets a grid instead: up to 32 of `images` in the top half, their reconstructions below.
+    """
     from training.plots import plot_history
     from vaeinfer.images import save_grid
 
@@ -230,3 +237,9 @@ def finish(run_dir: Path, model, history: list[dict], config: TrainConfig) -> No
         samples = model.sample(64, generator=torch.Generator(device=config.device).manual_seed(config.seed))
         if samples is not None:
             save_grid(np.asarray(samples.cpu()), run_dir / "samples.png")
+    elif hasattr(model, "reconstruct") and images is not None and len(images):
+        model.eval()
+        n = min(32, len(images))
+        nrow = min(8, n)
+        x = images[: n - n % nrow].to(config.device)  # whole rows, so each reconstruction sits under its image
+        save_grid(np.asarray(torch.cat([x, model.reconstruct(x)]).cpu()), run_dir / "reconstructions.png", nrow=nrow)

@@ -1,0 +1,57 @@
+"""The export procedure shared by every kind: trace, check, compare, write. One graph at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+
+import vaeinfer
+from export.graphs import IR_VERSION, OPSET, set_metadata, trace
+from export.validate import FP32_TOLERANCE, PARITY_BATCHES, Comparator, check_structure, max_abs_error, parity
+from export.writer import sha256, write_bundle
+from vaeinfer.manifest import FORMAT, FORMAT_VERSION
+from vaeinfer.spec import GraphSpec
+
+
+def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int, int, int], latent: dict,
+                  likelihood: dict, modules: dict[str, torch.nn.Module], specs: dict[str, GraphSpec],
+                  prior: dict | None = None, training: dict | None = None, limits: dict | None = None,
+                  comparators: dict[str, Comparator] | None = None, tolerance: float = FP32_TOLERANCE,
+                  value_range=(0.0, 1.0), opset: int = OPSET) -> Path:
+    """Export `modules[role]` for each role of `specs`, validate each graph, write the bundle."""
+    comparators = comparators or {}
+    facts = {"format_version": FORMAT_VERSION, "name": name, "kind": kind, "image": list(image),
+             "latent": latent, "likelihood": likelihood}
+    files, entries, figures = {}, {}, {}
+    for role, spec in specs.items():
+        model = trace(modules[role], spec, limits, opset)
+        set_metadata(model, {**facts, "role": role})
+        check_structure(model, role)
+        figures[role] = parity(model, modules[role], spec, comparators.get(role, max_abs_error(tolerance)), limits)
+        data = model.SerializeToString()
+        files[f"{role}.onnx"] = data
+        entries[role] = {"file": f"{role}.onnx", "sha256": sha256(data), **spec.io_json()}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "kind": kind,
+        "image": {"channels": image[0], "height": image[1], "width": image[2], "range": list(value_range)},
+        "latent": latent,
+        "likelihood": likelihood,
+        "graphs": entries,
+        "prior": prior,
+        "variants": {},
+        "export": {
+            "opset": opset, "ir_version": IR_VERSION, "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__, "onnxruntime_version": onnxruntime.__version__,
+            "vaeinfer_version": vaeinfer.__version__,
+            "parity": {"batches": list(PARITY_BATCHES), "tolerance": tolerance, "provider": "CPUExecutionProvider",
+                       "graphs": figures},
+        },
+        "training": training,
+    }
+    return write_bundle(out_dir, manifest, files)

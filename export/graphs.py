@@ -1,0 +1,94 @@
+"""PyTorch module -> one self-contained ONNX graph, shaped by its `GraphSpec`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import torch
+from torch.export import Dim
+
+from vaeinfer.spec import BATCH, GraphSpec, TensorSpec
+
+OPSET = 18
+# onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13 (and the oldest
+# onnxruntime we support, 1.20, reads 10). Opset 18 needs IR >= 8.
+IR_VERSION = 10
+TRACE_BATCH = 2  # the dynamo exporter specialises a batch of 1; trace with 2
+
+
+class ExportError(RuntimeError):
+    """An export that could not be made, or that failed its validation."""
+
+
+def example_inputs(spec: GraphSpec, batch: int, seed: int, limits: dict | None = None) -> list[np.ndarray]:
+    """Seeded inputs for a graph: images uniform in [0, 1], latents N(0, 1), ints in [0, limit)."""
+    rng = np.random.default_rng(seed)
+    limits = limits or {}
+    out = []
+    for t in spec.inputs:
+        shape = (batch, *t.shape[1:])
+        if t.dtype == "int64":
+            out.append(rng.integers(0, limits[t.name], size=shape, dtype=np.int64))
+        elif t.name == "x":
+            out.append(rng.random(shape, dtype=np.float32))
+        else:
+            out.append(rng.standard_normal(shape, dtype=np.float32))
+    return out
+
+
+def _quiet_exporter() -> None:
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def trace(module: torch.nn.Module, spec: GraphSpec, limits: dict | None = None, opset: int = OPSET) -> onnx.ModelProto:
+    """Export `module` with the spec's input/output names and a dynamic batch axis; weights embedded."""
+    _quiet_exporter()
+    module = module.eval()
+    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, TRACE_BATCH, 0, limits))
+    batch = Dim(BATCH)
+    try:
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs], dynamic_shapes=tuple({0: batch} for _ in args),
+            external_data=False, opset_version=opset, optimize=True, verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; say which graph failed and why
+        raise ExportError(f"{spec.role}: torch.onnx.export failed: {type(e).__name__}: {str(e)[:1000]}") from e
+    model = program.model_proto
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    _check_io(model, spec)
+    return model
+
+
+def _check_io(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """The traced graph's names, dtypes and shapes are the spec's, with the batch axis dynamic."""
+    dtypes = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+    def describe(values):
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            dims = [d.dim_param or None if not d.HasField("dim_value") else d.dim_value for d in tt.shape.dim]
+            out.append((v.name, tt.elem_type, dims))
+        return out
+
+    def expected(tensors: tuple[TensorSpec, ...]):
+        return [(t.name, dtypes[t.dtype], [None, *t.shape[1:]]) for t in tensors]
+
+    for side, got, want in (("inputs", model.graph.input, spec.inputs), ("outputs", model.graph.output, spec.outputs)):
+        actual = [(n, e, [None if not isinstance(d, int) else d for d in dims]) for n, e, dims in describe(got)]
+        if actual != expected(want):
+            raise ExportError(f"{spec.role}: the traced graph's {side} are {actual}, the spec wants {expected(want)} "
+                              "(does the module return what the documented interface says?)")
+
+
+def set_metadata(model: onnx.ModelProto, facts: dict) -> None:
+    """The manifest's key facts, also in the graph's own metadata_props (values as JSON)."""
+    del model.metadata_props[:]
+    for key, value in facts.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"vaeinfer.{key}", json.dumps(value, sort_keys=True)

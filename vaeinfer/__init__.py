@@ -1,0 +1,44 @@
+"""vaeinfer: run exported VAE / VQ-VAE bundles with onnxruntime, on CUDA or CPU.
+
+    import vaeinfer
+    vae = vaeinfer.load("mnist-vae")          # a bundled model's name, or a bundle directory
+    images = vae.sample(16, seed=0)           # (16, C, H, W) float32 in the image range
+
+This package imports numpy, onnxruntime, click and pillow only; never torch or onnx.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vaeinfer.bundle import available_models, open_bundle
+from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, VaeinferError
+from vaeinfer.results import Codes, ModelInfo, Posterior, Score
+
+__version__ = "0.1.0"
+DEFAULT_MODEL = "mnist-vae"
+
+__all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "Score", "ModelInfo",
+           "VaeinferError", "BundleError", "InputError", "OutputError", "BackendError", "__version__"]
+
+
+def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
+         precision: str = "fp32", verify: bool = True):
+    """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
+
+    device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
+        "cpu", "cuda" or "cuda:N" (an error, never a silent fallback, when CUDA cannot run).
+    threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
+    precision: "fp32", or a variant the bundle carries ("fp16", "int8"; see `info.precisions`).
+    verify: check every graph's sha256 against the manifest. Turn off only for a bundle you
+        already trust on a hot path (e.g. reloading the bundled models in a worker).
+    Returns a `vaeinfer.vae.VAE` or `vaeinfer.vq.VQVAE`; both are safe to share between threads.
+    """
+    bundle = open_bundle(model)
+    if bundle.manifest.kind == "vqvae":
+        from vaeinfer.vq import VQVAE
+
+        return VQVAE(bundle, device, threads, precision, verify)
+    from vaeinfer.vae import VAE
+
+    return VAE(bundle, device, threads, precision, verify)

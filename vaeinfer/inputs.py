@@ -1,0 +1,106 @@
+"""Validation of everything a caller hands the runtime, before onnxruntime sees it.
+
+Each check returns the array in the exact dtype and layout the graph takes, or raises
+InputError naming what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from vaeinfer.errors import InputError
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _array(x, what: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{what}: expected a numpy array, got {type(x).__name__} ({e})") from None
+    if a.dtype == object:
+        raise InputError(f"{what}: expected a numeric array, got {type(x).__name__} of mixed objects")
+    return a
+
+
+def _rank_and_batch(a: np.ndarray, trailing: tuple, what: str, layout: str) -> None:
+    if a.ndim != 1 + len(trailing) or tuple(a.shape[1:]) != tuple(trailing):
+        raise InputError(f"{what}: expected shape (N, {', '.join(map(str, trailing))}) {layout}, got {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise InputError(f"{what}: expected at least one item, got a batch of 0")
+
+
+def _finite(a: np.ndarray, what: str) -> None:
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise InputError(f"{what}: expected finite values, got {bad} NaN/Inf")
+
+
+def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], what: str = "images") -> np.ndarray:
+    """Images (N, C, H, W): float16/32/64 within value_range, or uint8 (0..255, scaled to the range)."""
+    a = _array(x, what)
+    _rank_and_batch(a, shape, what, "(N, C, H, W)")
+    lo, hi = value_range
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a, np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+    if a.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{what}: expected dtype uint8, float16, float32 or float64, got {a.dtype}")
+    a = np.ascontiguousarray(a, np.float32)
+    _finite(a, what)
+    amin, amax = float(a.min()), float(a.max())
+    if amin < lo or amax > hi:
+        raise InputError(f"{what}: expected values in [{lo}, {hi}], got [{amin:g}, {amax:g}]")
+    return a
+
+
+def latents(z, dim: int, what: str = "z") -> np.ndarray:
+    """Latent vectors (N, dim), float, finite."""
+    a = _array(z, what)
+    if a.ndim == 2 and a.shape[1] != dim:
+        raise InputError(f"{what}: expected latent size {dim}, got {a.shape[1]} (shape {tuple(a.shape)})")
+    _rank_and_batch(a, (dim,), what, "(N, latent)")
+    if a.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{what}: expected a float16/32/64 array, got {a.dtype}")
+    a = np.ascontiguousarray(a, np.float32)
+    _finite(a, what)
+    return a
+
+
+def codes(c, grid: tuple[int, int], codebook_size: int, what: str = "codes") -> np.ndarray:
+    """Code grids (N, h, w) of integers in [0, codebook_size)."""
+    a = _array(c, what)
+    _rank_and_batch(a, grid, what, "(N, h, w)")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"{what}: expected an integer array, got {a.dtype}")
+    amin, amax = int(a.min()), int(a.max())
+    if amin < 0 or amax >= codebook_size:
+        raise InputError(f"{what}: expected codes in [0, {codebook_size}), got [{amin}, {amax}]")
+    return np.ascontiguousarray(a, np.int64)
+
+
+def count(n, what: str = "n") -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise InputError(f"{what}: expected a positive integer, got {n!r}")
+    return int(n)
+
+
+def positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+        raise InputError(f"{what}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def batch_size(value) -> int | None:
+    return None if value is None else count(value, "batch_size")
+
+
+def seed(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InputError(f"seed: expected a non-negative integer or None, got {value!r}")
+    return int(value)

@@ -1,0 +1,27 @@
+"""p(x|z) in numpy, from the decoder's parameters: the runtime twin of `training.likelihood`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def log_prob(x: np.ndarray, params: np.ndarray, likelihood: dict) -> np.ndarray:
+    """log p(x|z) in nats, summed over pixels: float64 (N,). Bernoulli uses the logits directly
+    (x*l - softplus(l)), never clipped probabilities, so it stays exact for confident pixels."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    p = params.reshape(len(params), -1).astype(np.float64)
+    if likelihood["kind"] == "bernoulli":
+        return (x * p - np.logaddexp(0.0, p)).sum(axis=1)
+    s = likelihood["scale"]
+    return (-0.5 * ((x - p) / s) ** 2).sum(axis=1) - x.shape[1] * (math.log(s) + 0.5 * math.log(2 * math.pi))
+
+
+def mean(params: np.ndarray, likelihood: dict, value_range: tuple[float, float]) -> np.ndarray:
+    """The image for decoder parameters: E[x|z] (sigmoid of the logits, or the clipped mean)."""
+    if likelihood["kind"] == "bernoulli":
+        out = np.exp(-np.logaddexp(0.0, -params))  # sigmoid without overflow warnings
+    else:
+        out = np.clip(params, *value_range)
+    return out.astype(np.float32, copy=False)

@@ -1,0 +1,176 @@
+"""manifest.json: the contract between the torch side and the runtime.
+
+`parse` checks a manifest's structure by hand (the runtime carries no jsonschema dependency;
+`manifest.schema.json` beside this file is the same contract for other tools, and the tests keep
+the two in agreement) and returns a frozen `Manifest`.
+
+Versioning: `format_version` is "MAJOR.MINOR". A reader refuses an unknown MAJOR and reads any
+MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from vaeinfer.errors import BundleError
+from vaeinfer.spec import GraphSpec, vae_graphs, vq_graphs
+
+FORMAT = "vaeinfer-bundle"
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+KINDS = ("vae", "vqvae")
+LIKELIHOODS = ("bernoulli", "gaussian")
+PRECISIONS = ("fp32", "fp16", "int8")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: str
+    format_version: str
+    image: tuple[int, int, int]  # (C, H, W)
+    value_range: tuple[float, float]
+    latent: dict  # VAE: {"dim"}; VQ: {"grid", "codebook_size", "code_dim"}
+    likelihood: dict  # {"kind", "scale"?}
+    graphs: dict[str, GraphFile]
+    variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
+    prior: dict | None  # {"num_classes": int}; VQ only
+    raw: dict = field(repr=False, compare=False)
+
+    def specs(self) -> dict[str, GraphSpec]:
+        if self.kind == "vae":
+            return vae_graphs(self.image, self.latent["dim"])
+        return vq_graphs(self.image, tuple(self.latent["grid"]), self.latent["code_dim"],
+                         self.latent["codebook_size"], None if self.prior is None else self.prior["num_classes"])
+
+    def files(self, precision: str = "fp32") -> dict[str, GraphFile]:
+        """The graph files for a precision: the variant's own graphs over the fp32 ones."""
+        if precision == "fp32":
+            return dict(self.graphs)
+        if precision not in self.variants:
+            have = ", ".join(["fp32", *sorted(self.variants)])
+            raise BundleError(f"bundle {self.name!r} has no {precision} variant; it has: {have}")
+        return {**self.graphs, **self.variants[precision]}
+
+
+def _get(data: dict, key: str, kind, where: str):
+    if not isinstance(data, dict) or key not in data:
+        raise BundleError(f"manifest: expected key {where}.{key}, it is missing")
+    value = data[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BundleError(f"manifest: expected {where}.{key} to be {names}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _positive(data: dict, key: str, where: str, limit: int = 1 << 16) -> int:
+    value = _get(data, key, int, where)
+    if not 0 < value <= limit:
+        raise BundleError(f"manifest: expected {where}.{key} in [1, {limit}], got {value}")
+    return value
+
+
+def _graph_file(data: dict, where: str) -> GraphFile:
+    name, digest = _get(data, "file", str, where), _get(data, "sha256", str, where)
+    if not _FILE.match(name):
+        raise BundleError(f"manifest: expected {where}.file to be a plain '<name>.onnx' file name "
+                          f"inside the bundle (letters, digits, '._-'), got {name!r}")
+    if not _SHA256.match(digest):
+        raise BundleError(f"manifest: expected {where}.sha256 to be 64 lowercase hex digits, got {digest!r:.80}")
+    return GraphFile(name, digest)
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise BundleError(f"manifest: expected format_version 'MAJOR.MINOR', got {text!r:.40}")
+    return int(m[1]), int(m[2])
+
+
+def parse(data: dict) -> Manifest:
+    """Validate a manifest's structure and return it; every problem is a BundleError."""
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest: expected a JSON object, got {type(data).__name__}")
+    if _get(data, "format", str, "") != FORMAT:
+        raise BundleError(f"manifest: expected format {FORMAT!r}, got {data['format']!r:.40}")
+    version = _get(data, "format_version", str, "")
+    major, _ = parse_version(version)
+    if major != SUPPORTED_MAJOR:
+        raise BundleError(f"manifest: format_version {version} has major {major}; this vaeinfer reads "
+                          f"major {SUPPORTED_MAJOR} only (upgrade vaeinfer, or re-export the model)")
+    kind = _get(data, "kind", str, "")
+    if kind not in KINDS:
+        raise BundleError(f"manifest: expected kind in {KINDS}, got {kind!r:.40}")
+    image = _get(data, "image", dict, "")
+    shape = tuple(_positive(image, k, "image", 4096) for k in ("channels", "height", "width"))
+    if shape[0] not in (1, 3):
+        raise BundleError(f"manifest: expected image.channels 1 or 3, got {shape[0]}")
+    lo_hi = _get(image, "range", list, "image")
+    if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi) \
+            or not lo_hi[0] < lo_hi[1]:
+        raise BundleError(f"manifest: expected image.range [low, high] with low < high, got {lo_hi!r:.60}")
+    latent_in = _get(data, "latent", dict, "")
+    if kind == "vae":
+        latent = {"dim": _positive(latent_in, "dim", "latent")}
+    else:
+        grid = _get(latent_in, "grid", list, "latent")
+        if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and 0 < g <= 4096 for g in grid):
+            raise BundleError(f"manifest: expected latent.grid [h, w] of positive ints, got {grid!r:.60}")
+        latent = {"grid": list(grid), "codebook_size": _positive(latent_in, "codebook_size", "latent"),
+                  "code_dim": _positive(latent_in, "code_dim", "latent")}
+    lik = _get(data, "likelihood", dict, "")
+    lik_kind = _get(lik, "kind", str, "likelihood")
+    if lik_kind not in LIKELIHOODS:
+        raise BundleError(f"manifest: expected likelihood.kind in {LIKELIHOODS}, got {lik_kind!r:.40}")
+    likelihood = {"kind": lik_kind}
+    if lik_kind == "gaussian":
+        scale = _get(lik, "scale", (int, float), "likelihood")
+        if not scale > 0:
+            raise BundleError(f"manifest: expected a positive likelihood.scale, got {scale}")
+        likelihood["scale"] = float(scale)
+
+    prior = data.get("prior")
+    if prior is not None:
+        if kind != "vqvae":
+            raise BundleError("manifest: only a vqvae bundle can have a prior")
+        n = _get(prior, "num_classes", int, "prior")
+        if not 0 <= n <= 1 << 16:
+            raise BundleError(f"manifest: expected prior.num_classes in [0, 65536], got {n}")
+        prior = {"num_classes": n}
+    graphs_in = _get(data, "graphs", dict, "")
+    roles = ("encoder", "decoder") + (("prior",) if prior is not None else ())
+    if set(graphs_in) != set(roles):
+        raise BundleError(f"manifest: expected graphs {sorted(roles)}, got {sorted(graphs_in)}")
+    graphs = {role: _graph_file(graphs_in[role], f"graphs.{role}") for role in roles}
+    variants = {}
+    for precision, entry in _get(data, "variants", dict, "").items() if "variants" in data else ():
+        if precision not in PRECISIONS[1:]:
+            raise BundleError(f"manifest: expected variants keyed by {PRECISIONS[1:]}, got {precision!r:.40}")
+        files = _get(entry, "graphs", dict, f"variants.{precision}")
+        if not files or not set(files) <= set(roles):
+            raise BundleError(f"manifest: variants.{precision}.graphs must name some of {list(roles)}, got {sorted(files)}")
+        variants[precision] = {role: _graph_file(files[role], f"variants.{precision}.graphs.{role}") for role in files}
+
+    manifest = Manifest(name=_get(data, "name", str, ""), kind=kind, format_version=version, image=shape,
+                        value_range=(float(lo_hi[0]), float(lo_hi[1])), latent=latent, likelihood=likelihood,
+                        graphs=graphs, variants=variants, prior=prior, raw=data)
+    _check_io(data, manifest)
+    return manifest
+
+
+def _check_io(data: dict, manifest: Manifest) -> None:
+    """The inputs/outputs that the manifest lists for each graph are the ones its facts imply."""
+    for role, spec in manifest.specs().items():
+        listed = {k: data["graphs"][role].get(k) for k in ("inputs", "outputs")}
+        if listed != spec.io_json():
+            raise BundleError(f"manifest: graphs.{role} lists inputs/outputs {listed}, "
+                              f"but its image/latent facts imply {spec.io_json()}")

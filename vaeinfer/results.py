@@ -1,0 +1,73 @@
+"""Results of the runtime's calls: frozen dataclasses of numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """q(z|x) = N(mean, exp(logvar)) for each image; arrays (N, latent)."""
+
+    mean: np.ndarray
+    logvar: np.ndarray
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.exp(0.5 * self.logvar)
+
+    def sample(self, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """z = mean + temperature * std * eps, eps from numpy's Generator seeded with `seed`."""
+        eps = np.random.default_rng(seed).standard_normal(self.mean.shape, dtype=np.float32)
+        return (self.mean + np.float32(temperature) * self.std * eps).astype(np.float32)
+
+    def __len__(self):
+        return len(self.mean)
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A VQ-VAE's encoding: the code grid (N, h, w) int64 and the quantized vectors z_q (N, D, h, w)."""
+
+    codes: np.ndarray
+    z_q: np.ndarray
+
+    def __len__(self):
+        return len(self.codes)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Per-image scores in nats, float64 (N,).
+
+    nll: importance-weighted estimate of -log p(x) (IWAE bound, Burda et al. 2015) with K samples;
+    an upper bound on the true NLL that tightens as K grows. elbo: the negative ELBO (>= nll).
+    recon: the expected reconstruction term -E_q[log p(x|z)].
+    As an anomaly score: higher nll = less likely under the model.
+    """
+
+    nll: np.ndarray
+    elbo: np.ndarray
+    recon: np.ndarray
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # vae | vqvae
+    format_version: str
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    value_range: tuple[float, float]
+    latent: dict
+    likelihood: dict
+    device: str  # what actually runs: "cpu" or "cuda:N"
+    providers: tuple[str, ...]  # the providers onnxruntime bound, in priority order
+    precision: str
+    precisions: tuple[str, ...]  # what the bundle offers
+    threads: int | None
+    has_prior: bool
+    num_classes: int | None
+    files: dict  # file name -> sha256
+    path: str

@@ -1,0 +1,63 @@
+"""The input/output spec of every graph in a bundle, written once, as data.
+
+`export` uses it to name, shape and trace the graphs and to make its validation inputs; the
+runtime uses it to check that a bundle's manifest and its graphs agree before running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BATCH = "batch"
+DTYPES = ("float32", "int64")
+# onnxruntime's type strings for the dtypes above
+ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # one of DTYPES
+    shape: tuple  # ints, with BATCH as the first (dynamic) axis
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    role: str  # encoder | decoder | prior
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def io_json(self) -> dict:
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+
+
+def vae_graphs(image: tuple[int, int, int], latent_dim: int) -> dict[str, GraphSpec]:
+    """VAE: encoder x -> (mean, logvar); decoder z -> likelihood parameters."""
+    x = TensorSpec("x", "float32", (BATCH, *image))
+    return {
+        "encoder": GraphSpec("encoder", (x,), (TensorSpec("mean", "float32", (BATCH, latent_dim)),
+                                                TensorSpec("logvar", "float32", (BATCH, latent_dim)))),
+        "decoder": GraphSpec("decoder", (TensorSpec("z", "float32", (BATCH, latent_dim)),),
+                             (TensorSpec("params", "float32", (BATCH, *image)),)),
+    }
+
+
+def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int, codebook_size: int,
+              num_classes: int | None = None) -> dict[str, GraphSpec]:
+    """VQ-VAE: encoder x -> (codes, z_q); decoder codes -> parameters; prior codes [+ label] -> logits.
+
+    `num_classes` None: no prior graph; 0: an unconditional prior; > 0: a class-conditional one.
+    """
+    x = TensorSpec("x", "float32", (BATCH, *image))
+    codes = TensorSpec("codes", "int64", (BATCH, *grid))
+    graphs = {
+        "encoder": GraphSpec("encoder", (x,), (codes, TensorSpec("z_q", "float32", (BATCH, code_dim, *grid)))),
+        "decoder": GraphSpec("decoder", (codes,), (TensorSpec("params", "float32", (BATCH, *image)),)),
+    }
+    if num_classes is not None:
+        inputs = (codes, TensorSpec("label", "int64", (BATCH,))) if num_classes > 0 else (codes,)
+        graphs["prior"] = GraphSpec("prior", inputs, (TensorSpec("logits", "float32", (BATCH, codebook_size, *grid)),))
+    return graphs
