@@ -67,7 +67,7 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 def test_straight_through_gradient_reaches_the_encoder_output():
-    q = VectorQuantizer(8, 4)
+    q = VectorQuantizer(8, 4).eval()  # eval: no EMA update moves the codebook after the lookup
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     out = q(z)
     upstream = torch.randn_like(out.z_q)
