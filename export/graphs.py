@@ -44,16 +44,29 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _Prefixed(torch.nn.Module):
+    """Holds the module under `module.`, so its weights are named `module.*` in the graph and never
+    collide with the spec's input/output names (a user buffer called `logvar` would otherwise give
+    a graph that is not in SSA form)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
 def trace(module: torch.nn.Module, spec: GraphSpec, limits: dict | None = None, opset: int = OPSET) -> onnx.ModelProto:
     """Export `module` with the spec's input/output names and a dynamic batch axis; weights embedded."""
     _quiet_exporter()
-    module = module.eval()
+    module = _Prefixed(module.eval()).eval()
     args = tuple(torch.from_numpy(a) for a in example_inputs(spec, TRACE_BATCH, 0, limits))
     batch = Dim(BATCH)
     try:
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs], dynamic_shapes=tuple({0: batch} for _ in args),
+            output_names=[t.name for t in spec.outputs], dynamic_shapes=(tuple({0: batch} for _ in args),),  # *args
             external_data=False, opset_version=opset, optimize=True, verbose=False,
         )
     except Exception as e:  # the exporter raises many types; say which graph failed and why

@@ -1,0 +1,182 @@
+"""Model quality against the papers, measured through the exported graphs.
+
+    python benchmarks/quality.py                      # the full protocol (about an hour on 2 cores)
+    python benchmarks/quality.py --quick              # a smoke run: small subsets, small K
+
+Protocol (MNIST, binarized): models train on dynamically binarized training images; evaluation
+uses ONE fixed binarization of the official 10k test set (numpy seed 0). Test NLL is the IWAE
+estimate computed by `vaeinfer`'s `score` from the exported encoder and decoder in onnxruntime:
+K = 5000 importance samples on a seeded 1,000-image subset, and K = 500 on all 10,000. A
+PyTorch-side estimate from the training checkpoint, with the same noise, checks the ONNX one.
+The test set is used for these numbers only; nothing is tuned on it.
+
+Writes benchmarks/results/quality.json, quality.md and sample grids in benchmarks/results/quality/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import vaeinfer  # noqa: E402
+from vaeinfer.images import save_grid  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+REFERENCES = [
+    ("VAE, Burda et al. 2015 Table 1 (784-200-200-50, 1 stochastic layer, 3280 epochs)", 86.76),
+    ("IWAE k=50, same table", 84.78),
+    ("IWAE k=50, 2 stochastic layers, same table", 82.90),
+    ("pythae reproduction of VAE", 89.78),
+]
+TEST_BINARIZATION_SEED = 0
+SUBSET_SEED = 0
+
+
+def load_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The official test set: (intensities, fixed binarization, labels)."""
+    from training.data import read_idx, to_nchw
+    from training.evaluate import binarize
+
+    images = to_nchw(read_idx(next(data_dir.glob("t10k-images-idx3-ubyte*"))), "t10k")
+    labels = read_idx(next(data_dir.glob("t10k-labels-idx1-ubyte*"))).astype(np.int64)
+    return images, binarize(images, TEST_BINARIZATION_SEED), labels
+
+
+def torch_check(name: str, x: np.ndarray, samples: int, onnx_nll: np.ndarray) -> dict | None:
+    """The PyTorch estimate from the committed checkpoint, same noise: |difference| in nats."""
+    ckpt = ROOT / "training" / "checkpoints" / name
+    if not (ckpt / "checkpoint.json").exists():
+        return None
+    from training import checkpoint
+    from training.evaluate import iwae_score
+    from training.likelihood import Likelihood
+    from training.models import build_model
+
+    tensors, meta = checkpoint.load(ckpt)
+    model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])
+    model.load_state_dict(checkpoint.model_tensors(tensors))
+    torch_nll = iwae_score(model, x, samples)["nll"]
+    diff = np.abs(torch_nll - onnx_nll)
+    return {"images": len(x), "samples": samples, "max_abs_diff_nats": float(diff.max()),
+            "mean_torch_nll": float(torch_nll.mean()), "mean_onnx_nll": float(onnx_nll.mean())}
+
+
+def evaluate_vae(model, test_bin: np.ndarray, quick: bool) -> dict:
+    rng = np.random.default_rng(SUBSET_SEED)
+    subset = np.sort(rng.permutation(len(test_bin))[: (100 if quick else 1000)])
+    plan = [("subset", test_bin[subset], 50 if quick else 5000),
+            ("full", test_bin[: 500] if quick else test_bin, 20 if quick else 500)]
+    out = {}
+    for label, x, k in plan:
+        start = time.perf_counter()
+        s = model.score(x, samples=k, seed=0, batch_size=2048)
+        out[label] = {"images": len(x), "samples": k, "nll": float(s.nll.mean()), "neg_elbo": float(s.elbo.mean()),
+                      "recon": float(s.recon.mean()), "nll_sem": float(s.nll.std(ddof=1) / np.sqrt(len(x))),
+                      "seconds": round(time.perf_counter() - start, 1)}
+        print(f"  {label}: K={k} on {len(x)} images: NLL {out[label]['nll']:.2f} nats "
+              f"(-ELBO {out[label]['neg_elbo']:.2f}) in {out[label]['seconds']} s", flush=True)
+    check_x = test_bin[subset[:20]]
+    out["torch_check"] = torch_check(model.info.name, check_x, 100, model.score(check_x, samples=100, seed=0).nll)
+    return out
+
+
+def evaluate_vq(model, test: np.ndarray, labels: np.ndarray, quick: bool) -> dict:
+    x = test[:1000] if quick else test
+    codes = model.encode(x, batch_size=512)
+    rec = model.decode(codes, batch_size=512)
+    mse = float(np.mean((rec - x) ** 2))
+    counts = np.bincount(codes.codes.ravel(), minlength=model.codebook_size)
+    p = counts / counts.sum()
+    out = {"images": len(x), "mse": mse, "psnr_db": float(10 * np.log10(1.0 / mse)),
+           "codebook_perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
+           "codes_used": int((counts > 0).sum()), "codebook_size": model.codebook_size}
+    if model.info.has_prior:
+        lab = labels[: len(x)] if model.info.num_classes else None
+        out["prior_bits_per_code"] = float(model.prior_nll(codes.codes, label=lab, batch_size=512).mean())
+    return out
+
+
+def sample_grids(model, out_dir: Path, temperatures: list[float]) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t in temperatures:
+        path = out_dir / f"{model.info.name}-samples-T{t:g}.png"
+        save_grid(model.sample(64, seed=0, temperature=t), path, nrow=8)
+        written.append(path.name)
+    if model.info.kind == "vae":
+        a, b = model.sample(4, seed=1, temperature=0.7), model.sample(4, seed=2, temperature=0.7)
+        strip = model.interpolate(a, b, steps=10)
+        path = out_dir / f"{model.info.name}-interpolation.png"
+        save_grid(strip.reshape(-1, *strip.shape[2:]), path, nrow=10)
+        written.append(path.name)
+    return written
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Model quality (MNIST, binarized test set)", "",
+             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; {results['date']}", "",
+             "| model | test NLL (nats) | protocol |", "| --- | --- | --- |"]
+    for ref, nll in REFERENCES:
+        lines.append(f"| {ref} | {nll:.2f} | paper |")
+    for name, r in results["vae"].items():
+        for key in ("subset", "full"):
+            e = r[key]
+            lines.append(f"| **{name}** (vaeinfer, ONNX) | **{e['nll']:.2f}** ± {e['nll_sem']:.2f} | K={e['samples']}, "
+                         f"{e['images']} test images; -ELBO {e['neg_elbo']:.2f} |")
+    lines += ["", "PyTorch vs ONNX (same checkpoint, same noise): " + "; ".join(
+        f"{n}: max |diff| {r['torch_check']['max_abs_diff_nats']:.2e} nats over {r['torch_check']['images']} images"
+        for n, r in results["vae"].items() if r.get("torch_check"))]
+    if results["vq"]:
+        lines += ["", "| VQ model | test MSE | PSNR (dB) | codebook perplexity | codes used | prior bits/code |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in results["vq"].items():
+            lines.append(f"| {name} | {r['mse']:.4f} | {r['psnr_db']:.2f} | {r['codebook_perplexity']:.1f} | "
+                         f"{r['codes_used']}/{r['codebook_size']} | {r.get('prior_bits_per_code', float('nan')):.3f} |")
+    lines += ["", "Sample grids (seed 0) and interpolations: " + ", ".join(
+        f"[{p}](quality/{p})" for p in results["images"])]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"))
+    parser.add_argument("--models", default=",".join(vaeinfer.available_models()),
+                        help="bundled model names or bundle paths, comma-separated")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--temperatures", default="1.0,0.8")
+    parser.add_argument("--out", default=str(RESULTS / "quality"))
+    args = parser.parse_args()
+
+    test, test_bin, labels = load_test(Path(args.data))
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+    results = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores", "quick": args.quick,
+               "protocol": __doc__.split("Protocol")[1].split("Writes")[0].strip(), "references": REFERENCES,
+               "vae": {}, "vq": {}, "images": []}
+    for name in [m for m in args.models.split(",") if m]:
+        model = vaeinfer.load(name, device="cpu")
+        print(f"{name} ({model.info.kind})", flush=True)
+        if model.info.kind == "vae":
+            results["vae"][model.info.name] = evaluate_vae(model, test_bin, args.quick)
+        else:
+            results["vq"][model.info.name] = evaluate_vq(model, test, labels, args.quick)
+        if model.info.kind == "vae" or model.info.has_prior:
+            results["images"] += sample_grids(model, Path(args.out), [float(t) for t in args.temperatures.split(",")])
+    suffix = "-quick" if args.quick else ""
+    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"quality{suffix}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
