@@ -205,8 +205,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
                 checkpoint_now()
                 if at_limit:
                     break
-        if progress["done"]:
-            break
+        if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
+            break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row
         progress["seconds"] += time.perf_counter() - started
         row = {"epoch": epoch + 1, "step": progress["global_step"],
                "beta": kl_weight(progress["global_step"], warmup_steps, config.beta),
