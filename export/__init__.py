@@ -74,7 +74,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
     if meta["kind"] == "vqvae":
         from export.vq import export_vqvae
 
-        return export_vqvae(model, Path(checkpoint), out_dir, name=name, training=training_facts(meta))
+        return export_vqvae(model, ckpt.resolve(checkpoint).parent, out_dir, name=name, training=training_facts(meta),
+                            vq_weights_sha256=meta["weights"]["sha256"])
     lik = meta["likelihood"]
     return export_vae(model.encoder, model.decoder, meta["image_shape"], out_dir, likelihood=lik["kind"],
                       scale=lik.get("scale"), name=name, training=training_facts(meta))

@@ -20,8 +20,12 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
                   likelihood: dict, modules: dict[str, torch.nn.Module], specs: dict[str, GraphSpec],
                   prior: dict | None = None, training: dict | None = None, limits: dict | None = None,
                   comparators: dict[str, Comparator] | None = None, tolerance: float = FP32_TOLERANCE,
-                  value_range=(0.0, 1.0), opset: int = OPSET) -> Path:
-    """Export `modules[role]` for each role of `specs`, validate each graph, write the bundle."""
+                  extra_checks: dict | None = None, value_range=(0.0, 1.0), opset: int = OPSET) -> Path:
+    """Export `modules[role]` for each role of `specs`, validate each graph, write the bundle.
+
+    `extra_checks[name](files) -> figures` validate the graphs together (files: name -> bytes);
+    like the per-graph checks they raise ExportError to stop the export before anything is written.
+    """
     comparators = comparators or {}
     facts = {"format_version": FORMAT_VERSION, "name": name, "kind": kind, "image": list(image),
              "latent": latent, "likelihood": likelihood}
@@ -34,6 +38,7 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
         data = model.SerializeToString()
         files[f"{role}.onnx"] = data
         entries[role] = {"file": f"{role}.onnx", "sha256": sha256(data), **spec.io_json()}
+    checks = {check_name: check(files) for check_name, check in (extra_checks or {}).items()}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -50,7 +55,7 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
             "onnx_version": onnx.__version__, "onnxruntime_version": onnxruntime.__version__,
             "vaeinfer_version": vaeinfer.__version__,
             "parity": {"batches": list(PARITY_BATCHES), "tolerance": tolerance, "provider": "CPUExecutionProvider",
-                       "graphs": figures},
+                       "graphs": figures, **checks},
         },
         "training": training,
     }

@@ -220,6 +220,42 @@ def info(model, device):
     click.echo(json.dumps({k: getattr(i, k) for k in i.__dataclass_fields__}, indent=2, default=list))
 
 
+@main.command()
+@model_option
+@click.option("--batch", "batches", default="1,8,64,256", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--op", "ops", default="encode,decode,sample", show_default=True,
+              help="Operations, comma-separated: encode, decode, sample.")
+@click.option("--min-time", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds of timed calls per op and batch (at least --min-iters calls).")
+@click.option("--min-iters", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay captured CUDA graphs for the batch sizes given.")
+@click.option("-o", "--out", default="bench.json", show_default=True, help="Write the full report (JSON) here.")
+def bench(model, device, threads, precision, batches, ops, min_time, min_iters, cuda_graph, out):
+    """Latency (p50/p90/p99), throughput, first-call time, session creation time and peak memory.
+
+    Calls go through the public API with every runtime check on. Prints a table, writes JSON.
+    """
+    from vaeinfer._fs import atomic_write_text
+    from vaeinfer.bench import OPS, bench as run_bench, format_table
+
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batch") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"expected positive batch sizes, got {batches!r}", param_hint="--batch")
+    names = [o.strip() for o in ops.split(",") if o.strip()]
+    unknown = [o for o in names if o not in OPS]
+    if unknown or not names:
+        raise click.BadParameter(f"expected some of {', '.join(OPS)}, got {ops!r}", param_hint="--op")
+    report = run_bench(model, sizes, names, device=device, threads=threads, precision=precision, min_time=min_time,
+                       min_iters=min_iters, cuda_graph=sizes if cuda_graph else False,
+                       progress=lambda op, b: click.echo(f"timing {op} at batch {b}...", err=True))
+    click.echo(format_table(report))
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    click.echo(f"wrote {out}", err=True)
+
+
 def _training_side():
     try:
         import torch  # noqa: F401
@@ -315,6 +351,33 @@ def train(ctx, config_file, resume, out, quiet, **flags):
     config = TrainConfig.from_json({**values, "arch": arch, "model_args": model_args})
     path = run(config, out, resume=resume, progress_bar=not quiet)
     click.echo(f"checkpoint: {path}", err=True)
+
+
+@main.command("train-prior")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: PriorConfig's.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None)
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Gated PixelCNN layers.")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="PixelCNN width.")
+@click.option("--conditional/--unconditional", default=None,
+              help="Class-conditional prior (default: when the run's data has labels).")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=None)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--resume", is_flag=True, help="Continue the prior checkpoint in RUN_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_prior_cmd(run_dir, resume, quiet, **flags):
+    """Train the PixelCNN prior of the VQ-VAE in RUN_DIR on its code grids (stored in RUN_DIR)."""
+    _training_side()
+    from training.prior import PriorConfig, train_prior
+
+    config = PriorConfig(**{k: v for k, v in flags.items() if v is not None})
+    path = train_prior(run_dir, config, resume=resume, progress_bar=not quiet)
+    click.echo(f"prior checkpoint: {path}", err=True)
 
 
 @main.command("export")
