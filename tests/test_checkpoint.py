@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import blob_images, write_npz
+from tests.conftest import blob_images, write_npz
 from training import checkpoint
 from training import train as train_mod
 from training.checkpoint import CheckpointError

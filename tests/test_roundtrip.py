@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vaeinfer
-from conftest import CASES
+from tests.conftest import CASES
 from vaeinfer.results import Posterior, Score
 
 
