@@ -23,7 +23,7 @@ __all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "S
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
-         precision: str = "fp32", verify: bool = True):
+         precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None):
     """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
 
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
@@ -32,13 +32,20 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     precision: "fp32", or a variant the bundle carries ("fp16", "int8"; see `info.precisions`).
     verify: check every graph's sha256 against the manifest. Turn off only for a bundle you
         already trust on a hot path (e.g. reloading the bundled models in a worker).
+    cuda_graph: on CUDA, replay captured CUDA graphs for fixed batch buckets: True (batch sizes
+        1, 2, 4, ..., 256) or your own sizes; calls are padded up to the next bucket and larger
+        ones run in chunks of the largest. A graph that cannot be captured runs without;
+        `info.cuda_graph` lists the buckets in use. Needs device "cuda" (ignored by "auto" on CPU).
+    io_binding: run through onnxruntime's IO binding (default: on CUDA yes, on CPU no, where
+        plain `run` has less per-call overhead); `model.run_graph(role, feeds, keep_on_device=True)`
+        always does, and leaves the outputs on the device.
     Returns a `vaeinfer.vae.VAE` or `vaeinfer.vq.VQVAE`; both are safe to share between threads.
     """
     bundle = open_bundle(model)
     if bundle.manifest.kind == "vqvae":
         from vaeinfer.vq import VQVAE
 
-        return VQVAE(bundle, device, threads, precision, verify)
+        return VQVAE(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)
     from vaeinfer.vae import VAE
 
-    return VAE(bundle, device, threads, precision, verify)
+    return VAE(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)

@@ -71,3 +71,4 @@ class ModelInfo:
     num_classes: int | None
     files: dict  # file name -> sha256
     path: str
+    cuda_graph: tuple[int, ...] = ()  # batch sizes replayed as captured CUDA graphs (empty: none)

@@ -6,6 +6,8 @@ thread-safe, so one model serves concurrent calls from many threads.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from vaeinfer import likelihood as lik
@@ -13,20 +15,39 @@ from vaeinfer.bundle import Bundle
 from vaeinfer.errors import BackendError, BundleError, OutputError
 from vaeinfer.manifest import PRECISIONS
 from vaeinfer.results import ModelInfo
-from vaeinfer.session import Device, create_session, parse_device
+from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_device, parse_device
 from vaeinfer.spec import ORT_TYPES, GraphSpec
 
 DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_size
 
 
 class Graph:
-    """One onnxruntime session plus the spec it must honour."""
+    """One onnxruntime session plus the spec it must honour.
 
-    def __init__(self, session, spec: GraphSpec, what: str):
+    Three ways to run a chunk, all returning the same values:
+    - `session.run` (the default on CPU: the least per-call overhead there);
+    - IO binding (`run_bound`): inputs bound from host arrays, outputs allocated by onnxruntime on
+      the session's device and, with keep_on_device=True, left there as OrtValues;
+    - fixed batch buckets (`buckets`): one IO binding per bucket size over preallocated device
+      buffers, a call padded up to the next bucket. This is what CUDA graphs need (fixed shapes,
+      fixed addresses); each bucket replays its own captured graph (run option gpu_graph_id).
+    """
+
+    def __init__(self, session, spec: GraphSpec, what: str, device: Device | None = None,
+                 buckets: tuple[int, ...] = (), io_binding: bool = False):
         self.session, self.spec, self.what = session, spec, what
         self._check_signature()
         self._output_names = [t.name for t in spec.outputs]
         self._float_outputs = [i for i, t in enumerate(spec.outputs) if t.dtype == "float32"]
+        self.device = device or Device("cpu")
+        self.io_binding = bool(io_binding)
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"batch buckets must be positive, got {buckets}")
+        self.cuda_graph = bool(getattr(session, "cuda_graph", False)) and bool(self.buckets)
+        self._bucket_state: dict[int, tuple] = {}
+        self._bucket_locks = {b: threading.Lock() for b in self.buckets}
+        self._state_lock = threading.Lock()
 
     def _check_signature(self) -> None:
         """The graph's own inputs/outputs must be exactly the ones the manifest promises."""
@@ -48,18 +69,105 @@ class Graph:
         """
         n = len(next(iter(feeds.values())))
         step = batch_size or DEFAULT_BATCH
+        if self.buckets:
+            step = min(step, self.buckets[-1])
         if n <= step and progress is None:
-            outs = self.session.run(self._output_names, feeds)
+            outs = self._chunk(feeds)
         else:
             parts = []
             for i in range(0, n, step):
-                parts.append(self.session.run(self._output_names, {k: v[i:i + step] for k, v in feeds.items()}))
+                parts.append(self._chunk({k: v[i:i + step] for k, v in feeds.items()}))
                 if progress is not None:
                     progress(min(n, i + step))
             outs = [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
         for i in self._float_outputs:
             check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
         return outs
+
+    def _chunk(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.buckets:
+            return self._run_bucket(feeds)
+        if self.io_binding:
+            return self._run_bound(feeds, keep_on_device=False)
+        return self.session.run(self._output_names, feeds)
+
+    def run_bound(self, feeds: dict[str, np.ndarray], keep_on_device: bool = False) -> list:
+        """One call through IO binding, without chunking.
+
+        keep_on_device=False: numpy arrays, checked for NaN/Inf like `run`. keep_on_device=True:
+        onnxruntime OrtValues on the session's device (CUDA memory on a CUDA model), for passing
+        on to another session without a round trip through the host; they are not checked here
+        (that would need the copy this avoids): `check_finite(v.numpy(), ...)` does it.
+        """
+        outs = self._run_bound(feeds, keep_on_device)
+        if not keep_on_device:
+            for i in self._float_outputs:
+                check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
+        return outs
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], keep_on_device: bool) -> list:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if hasattr(value, "data_ptr"):  # an OrtValue, e.g. the device output of another graph
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        device_type, device_id = ort_device(self.device)
+        for name in self._output_names:
+            binding.bind_output(name, device_type, device_id)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        if keep_on_device:
+            return binding.get_outputs()
+        return binding.copy_outputs_to_cpu()
+
+    def _bucket(self, rows: int) -> tuple:
+        """(lock, binding, input OrtValues, output OrtValues, run options) of the smallest bucket
+        that holds `rows`; made on first use, then reused, so that addresses stay fixed."""
+        size = next(b for b in self.buckets if b >= rows)
+        state = self._bucket_state.get(size)
+        if state is None:
+            with self._state_lock:
+                state = self._bucket_state.get(size)
+                if state is None:
+                    state = self._bucket_state[size] = self._make_bucket(size)
+        return size, state
+
+    def _make_bucket(self, size: int) -> tuple:
+        from vaeinfer.session import _ort
+
+        ort = _ort()
+        device_type, device_id = ort_device(self.device)
+        np_types = {"float32": np.float32, "int64": np.int64}
+        binding = self.session.io_binding()
+        ins, outs = {}, []
+        for t in self.spec.inputs:
+            v = ort.OrtValue.ortvalue_from_shape_and_type([size, *t.shape[1:]], np_types[t.dtype], device_type, device_id)
+            binding.bind_ortvalue_input(t.name, v)
+            ins[t.name] = v
+        for t in self.spec.outputs:
+            v = ort.OrtValue.ortvalue_from_shape_and_type([size, *t.shape[1:]], np_types[t.dtype], device_type, device_id)
+            binding.bind_ortvalue_output(t.name, v)
+            outs.append(v)
+        options = ort.RunOptions()
+        if self.cuda_graph:
+            # one captured graph per bucket; ids are the bucket's index (0 is the default graph)
+            options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(size) + 1))
+        return self._bucket_locks[size], binding, ins, outs, options
+
+    def _run_bucket(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(next(iter(feeds.values())))
+        size, (lock, binding, ins, outs, options) = self._bucket(rows)
+        with lock:  # the bucket's buffers are shared: one call at a time per bucket
+            for name, value in feeds.items():
+                if rows < size:  # pad with copies of the first row: valid input for any graph
+                    value = np.concatenate([value, np.repeat(value[:1], size - rows, axis=0)])
+                ins[name].update_inplace(np.ascontiguousarray(value))
+            self.session.run_with_iobinding(binding, options)
+            # a CPU OrtValue's numpy() is a view of the bucket's buffer (the next call overwrites
+            # it): copy; a CUDA one's is already a fresh host copy
+            copy = self.device.kind == "cpu"
+            return [v.numpy()[:rows].copy() if copy else v.numpy()[:rows] for v in outs]
 
 
 def check_finite(a: np.ndarray, what: str) -> None:
@@ -75,19 +183,24 @@ class Model:
     """A loaded bundle: one `Graph` per role, all on one device."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
-                 precision: str = "fp32", verify: bool = True):
+                 precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.bundle, self.manifest = bundle, bundle.manifest
         dev = parse_device(device)
+        buckets = _buckets(cuda_graph)
+        if buckets and str(device).strip().lower() == "cpu":
+            raise ValueError("cuda_graph needs device 'cuda' (or 'auto' on a machine with CUDA); got device 'cpu'")
+        if dev.kind == "cpu":  # "auto" without CUDA: no CUDA graphs to capture, no padding
+            buckets = ()
         graph_bytes = {role: bundle.read_graph(role, precision, verify) for role in self.manifest.specs()}
         try:
-            self._graphs = self._sessions(graph_bytes, dev, threads)
+            self._graphs = self._sessions(graph_bytes, dev, threads, buckets, io_binding)
         except BackendError:
             if not dev.auto:
                 raise
             dev = Device("cpu")
-            self._graphs = self._sessions(graph_bytes, dev, threads)
+            self._graphs = self._sessions(graph_bytes, dev, threads, (), io_binding)
         m = self.manifest
         self.info = ModelInfo(
             name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
@@ -96,15 +209,49 @@ class Model:
             precisions=("fp32", *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for f in m.files(precision).values()}, path=str(bundle.path),
+            cuda_graph=next(iter(self._graphs.values())).buckets
+            if all(g.cuda_graph for g in self._graphs.values()) else (),
         )
 
-    def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads) -> dict[str, Graph]:
+    def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, buckets=(),
+                  io_binding: bool | None = None) -> dict[str, Graph]:
         specs = self.manifest.specs()
-        return {role: Graph(create_session(data, device, threads, f"{self.manifest.name}/{role}"), specs[role],
-                            f"{self.manifest.name}/{role}") for role, data in graph_bytes.items()}
+        bound = device.kind == "cuda" if io_binding is None else bool(io_binding)
+        graphs = {}
+        for role, data in graph_bytes.items():
+            what = f"{self.manifest.name}/{role}"
+            # the prior runs one position at a time with growing context: no fixed-shape buckets
+            role_buckets = buckets if role != "prior" else ()
+            session = create_session(data, device, threads, what, cuda_graph=bool(role_buckets))
+            graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound)
+        return graphs
+
+    def run_graph(self, role: str, feeds: dict, keep_on_device: bool = False) -> list:
+        """Run one of the bundle's graphs ("encoder", "decoder", "prior") on raw feeds through IO
+        binding; with keep_on_device=True the outputs stay on the model's device as onnxruntime
+        OrtValues (see `Graph.run_bound`). Feeds are the graph's inputs by name (the manifest's
+        `graphs.<role>.inputs`), float32/int64 arrays or OrtValues; they are not validated here."""
+        if role not in self._graphs:
+            raise ValueError(f"{self.info.name} has graphs {sorted(self._graphs)}, not {role!r}")
+        return self._graphs[role].run_bound(feeds, keep_on_device)
 
     def _images_from_params(self, params: np.ndarray) -> np.ndarray:
         return lik.mean(params, self.manifest.likelihood, self.manifest.value_range)
 
     def __repr__(self):
         return f"<vaeinfer {self.info.kind} {self.info.name!r} on {self.info.device} ({self.info.precision})>"
+
+
+def _buckets(cuda_graph) -> tuple[int, ...]:
+    """load()'s cuda_graph argument -> the batch buckets: False/None none, True the defaults."""
+    if cuda_graph is None or cuda_graph is False:
+        return ()
+    if cuda_graph is True:
+        return CUDA_GRAPH_BUCKETS
+    try:
+        sizes = tuple(sorted({int(b) for b in cuda_graph}))
+    except (TypeError, ValueError):
+        raise ValueError(f"cuda_graph must be True/False or batch sizes, got {cuda_graph!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"cuda_graph batch sizes must be positive, got {cuda_graph!r}")
+    return sizes

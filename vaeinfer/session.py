@@ -44,25 +44,44 @@ def parse_device(device: str) -> Device:
     return Device(m[1], int(m[2] or 0))
 
 
-def cuda_provider_options(index: int) -> dict:
-    """CUDA provider options.
+# Batch sizes that get a captured CUDA graph each when `cuda_graph=True` (a call is padded up to
+# the next bucket; larger calls run in chunks of the largest one).
+CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-    HEURISTIC conv algorithm search: EXHAUSTIVE benchmarks every algorithm for each new input
-    shape, a multi-second stall the first time a batch size is seen; the heuristic choice costs
-    none and is within a few percent for these small convolutions.
+
+def cuda_provider_options(index: int, cuda_graph: bool = False) -> dict[str, str]:
+    """CUDA provider options: the one place where they are chosen.
+
+    - cudnn_conv_algo_search HEURISTIC: EXHAUSTIVE (onnxruntime's default) benchmarks every
+      algorithm the first time each input shape is seen, a multi-second stall on every new
+      batch size; the heuristic choice costs nothing and is within a few percent here.
+    - use_tf32 0: TF32 convolutions/matmuls would break the promise that VAE images agree
+      within 1e-4 across providers.
+    - enable_cuda_graph: replay captured CUDA graphs (fixed shapes, IO-bound buffers; see
+      `Graph` in runtime.py); only when asked, since it needs every node on the CUDA provider.
+    Values are strings: onnxruntime parses provider options from text.
     """
-    return {
-        "device_id": index,
+    opts = {
+        "device_id": str(int(index)),
         "cudnn_conv_algo_search": "HEURISTIC",
-        "do_copy_in_default_stream": True,
+        "do_copy_in_default_stream": "1",
         "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": "0",
     }
+    if cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    return opts
 
 
-def providers_for(device: Device) -> list:
+def providers_for(device: Device, cuda_graph: bool = False) -> list:
     if device.kind == "cpu":
         return [CPU]
-    return [(CUDA, cuda_provider_options(device.index)), CPU]
+    return [(CUDA, cuda_provider_options(device.index, cuda_graph)), CPU]
+
+
+def ort_device(device: Device) -> tuple[str, int]:
+    """(device_type, device_id) as onnxruntime's IO binding and OrtValue take them."""
+    return ("cpu", 0) if device.kind == "cpu" else ("cuda", device.index)
 
 
 def session_options(threads: int | None):
@@ -79,20 +98,29 @@ def session_options(threads: int | None):
     return opts
 
 
-def create_session(model: bytes, device: Device, threads: int | None, what: str):
-    """An InferenceSession for ONNX bytes on `device`, or BackendError / BundleError saying why not."""
+def create_session(model: bytes, device: Device, threads: int | None, what: str, cuda_graph: bool = False):
+    """An InferenceSession for ONNX bytes on `device`, or BackendError / BundleError saying why not.
+
+    With cuda_graph=True on CUDA, a graph that cannot be captured (some node not on the CUDA
+    provider) is created without it; `session.cuda_graph` (an attribute set here) says which.
+    """
     ort = _ort()
     if device.kind == "cuda" and CUDA not in ort.get_available_providers():
         raise BackendError(f"device cuda:{device.index} asked for, but this onnxruntime has no CUDA provider "
                            f"(available: {ort.get_available_providers()}); install 'vaeinfer[gpu]' "
                            "(onnxruntime-gpu) without onnxruntime, or use device='cpu'")
+    cuda_graph = bool(cuda_graph) and device.kind == "cuda"
     try:
-        session = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers_for(device))
+        session = ort.InferenceSession(model, sess_options=session_options(threads),
+                                       providers=providers_for(device, cuda_graph))
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
+        if cuda_graph and "graph" in str(e).lower():
+            return create_session(model, device, threads, what, cuda_graph=False)
         if device.kind == "cuda" and "CUDA" in str(e):
             raise BackendError(f"{what}: the CUDA provider failed to start on cuda:{device.index}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
     if device.kind == "cuda" and session.get_providers()[0] != CUDA:
         raise BackendError(f"{what}: asked for cuda:{device.index} but onnxruntime bound {session.get_providers()} "
                            "(is a CUDA driver and cuDNN 9 visible to this process?)")
+    session.cuda_graph = cuda_graph
     return session
