@@ -12,7 +12,7 @@ import numpy as np
 
 import vaeinfer
 from vaeinfer import images as image_io
-from vaeinfer import inputs
+from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
 from vaeinfer.errors import InputError, VaeinferError
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -25,13 +25,21 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except (VaeinferError, ValueError, OSError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            _fail(e)
+        except MemoryError:
+            _fail("out of memory (try a smaller -n or --batch-size)")
         except Exception as e:  # errors of the training side (ExportError, CheckpointError, DataError, ...)
             if type(e).__module__.split(".")[0] in ("training", "export"):
-                click.echo(f"error: {e}", err=True)
-                sys.exit(1)
+                _fail(e)
             raise
+
+
+def _fail(error) -> None:
+    """One line on stderr (messages can hold newlines, e.g. from onnxruntime, or text that the
+    terminal's encoding cannot show), then exit status 1."""
+    line = " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(f"error: {line}", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -86,13 +94,18 @@ def _read_images(model, paths: tuple[str, ...]) -> np.ndarray:
     return image_io.load_images(list(paths), c, (h, w))
 
 
+def _check_out(out: str, suffixes: tuple[str, ...] = (".png", *ARRAY_SUFFIXES)) -> None:
+    """Refuse an output name that cannot be written before doing the work, not after it."""
+    if Path(out).suffix.lower() not in suffixes:
+        raise InputError(f"{out}: expected an output ending in {' or '.join(suffixes)}")
+
+
 def _write_images(images: np.ndarray, out: str, nrow: int | None = None, **extra) -> None:
+    _check_out(out)
     if Path(out).suffix.lower() in ARRAY_SUFFIXES:
         image_io.save_arrays(out, images=images, **extra)
-    elif Path(out).suffix.lower() == ".png":
-        image_io.save_grid(images, out, nrow)
     else:
-        raise InputError(f"{out}: expected an output ending in .png, .npy or .npz")
+        image_io.save_grid(images, out, nrow)
     click.echo(f"wrote {out} ({len(images)} images)", err=True)
 
 
@@ -113,6 +126,7 @@ def _write_images(images: np.ndarray, out: str, nrow: int | None = None, **extra
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
 def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow):
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
+    _check_out(out)
     m = _load(model, device, threads, precision)
     kwargs = {}
     if m.info.kind == "vqvae":
@@ -133,11 +147,10 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 def encode(model, device, threads, precision, inputs, out, batch_size):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents."""
+    _check_out(out, (".npz",))
     m = _load(model, device, threads, precision)
     result = m.encode(_read_images(m, inputs), batch_size=batch_size)
     arrays = {k: getattr(result, k) for k in result.__dataclass_fields__}
-    if Path(out).suffix != ".npz":
-        raise InputError(f"{out}: expected an output ending in .npz")
     image_io.save_arrays(out, **arrays)
     click.echo(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})", err=True)
 
@@ -149,6 +162,7 @@ def encode(model, device, threads, precision, inputs, out, batch_size):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 def decode(model, device, threads, precision, latents, out, batch_size):
     """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images."""
+    _check_out(out)
     m = _load(model, device, threads, precision)
     arrays = image_io.load_arrays(latents)
     keys = ("codes", "arr_0") if m.info.kind == "vqvae" else ("z", "mean", "arr_0")
@@ -165,11 +179,12 @@ def decode(model, device, threads, precision, latents, out, batch_size):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 def reconstruct(model, device, threads, precision, inputs, out, batch_size):
     """Encode then decode images; the PNG grid shows each input beside its reconstruction."""
+    _check_out(out)
     m = _load(model, device, threads, precision)
     x = _read_images(m, inputs)
     rec = m.reconstruct(x, batch_size=batch_size)
-    if Path(out).suffix == ".png":
-        x = inputs.images(x, m.info.image_shape, m.info.value_range)
+    if Path(out).suffix.lower() == ".png":
+        x = checks.images(x, m.info.image_shape, m.info.value_range)
         pairs = np.stack([x, rec], axis=1).reshape(-1, *rec.shape[1:])
         _write_images(pairs, out, nrow=2 * min(8, len(x)))
     else:
@@ -189,11 +204,13 @@ def score(model, device, threads, precision, inputs, samples, seed, batch_size, 
 
     Higher NLL = less likely under the model: the anomaly score to threshold in an app.
     """
+    if out:
+        _check_out(out, (".npz", ".csv"))
     m = _load(model, device, threads, precision)
     s = m.score(_read_images(m, inputs), samples=samples, seed=seed, batch_size=batch_size)
     fields = {k: getattr(s, k) for k in s.__dataclass_fields__}
     if out:
-        if out.endswith(".csv"):
+        if Path(out).suffix.lower() == ".csv":
             from vaeinfer._fs import atomic_write_text
 
             rows = ["index," + ",".join(fields)] + [
