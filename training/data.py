@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,10 @@ def read_idx(path: str | Path) -> np.ndarray:
         if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] not in dtypes:
             raise DataError(f"{path}: not an IDX file (magic bytes {head!r})")
         ndim = head[3]
-        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        header = f.read(4 * ndim)
+        if len(header) != 4 * ndim:
+            raise DataError(f"{path}: IDX header cut short ({len(header)} of {4 * ndim} bytes of dimensions)")
+        dims = struct.unpack(f">{ndim}I", header)
         dtype = np.dtype(dtypes[head[2]])
         data = f.read()
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -125,6 +129,8 @@ def to_nchw(images: np.ndarray, source: str) -> np.ndarray:
         a = a.transpose(0, 3, 1, 2)
     if a.ndim != 4 or a.shape[1] not in (1, 3):
         raise DataError(f"{source}: expected images (N,H,W), (N,C,H,W) or (N,H,W,C) with C 1 or 3, got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise DataError(f"{source}: expected at least one image, got none")
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
     if not np.issubdtype(a.dtype, np.floating):
@@ -155,24 +161,31 @@ def load_data(source: str | Path = DEFAULT_DATA, image_size=None, channels: int 
     `image_size` (H, W) resizes, `channels` (1 or 3) converts; both default to the data's own.
     """
     size = tuple(image_size) if image_size is not None else None
-    if str(source) == DEFAULT_DATA:
-        images, labels = _mnist5k()
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder")
-        if path.suffix in (".npy", ".npz"):
-            images, labels = _npz_pair(path)
-        elif "idx" in path.name or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
-            images, labels = _idx_pair(path)
-        elif path.is_dir():
-            images, labels = _folder_pair(path, size, channels)
-        else:
-            raise DataError(f"{path}: unknown data format; expected IDX, .npy, .npz or a folder of images")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3 (or None: the data's own), got {channels!r}")
+    images, labels = _mnist5k() if str(source) == DEFAULT_DATA else _read(Path(source), size, channels)
     images = _convert(to_nchw(images, str(source)), size, channels)
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
     return ImageData(images, labels, str(source))
+
+
+def _read(path: Path, size, channels) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pick the loader from the path; a file that its loader cannot parse is a DataError too."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    try:
+        if path.suffix in (".npy", ".npz"):
+            return _npz_pair(path)
+        if (path.is_file() and "idx" in path.name) or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
+            return _idx_pair(path)
+        if path.is_dir():
+            return _folder_pair(path, size, channels)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # numpy, gzip, zipfile and Pillow errors
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+    raise DataError(f"{path}: unknown data format; expected IDX, .npy, .npz or a folder of images")
 
 
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
