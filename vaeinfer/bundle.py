@@ -3,7 +3,9 @@
 Graphs are read into memory, hashed, and handed to onnxruntime as bytes: what runs is exactly
 what was verified (no window between check and load), and an ONNX file that points at external
 data cannot make onnxruntime read files beside or outside the bundle, since a model given as
-bytes has no directory to resolve them against.
+bytes has no directory to resolve them against. Before that, `onnx_scan` reads each graph's
+protobuf itself and refuses external-data references outright, operators outside an explicit
+allowlist, local functions and training graphs (with or without sha256 verification).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from vaeinfer import manifest as manifest_mod
+from vaeinfer import onnx_scan
 from vaeinfer.errors import BundleError
 
 MANIFEST = "manifest.json"
@@ -62,27 +65,57 @@ def _regular_file(folder: Path, name: str) -> Path:
 
 
 def _read(path: Path, limit: int) -> bytes:
-    size = path.stat().st_size
-    if size > limit:
-        raise BundleError(f"{path}: {size} bytes, more than the {limit} allowed")
-    return path.read_bytes()
+    """The file's bytes, at most `limit`. Opened without following a link and without blocking,
+    then checked again to be a regular file: a file swapped for a link or a FIFO after
+    `_regular_file` looked at it is refused instead of followed or waited on."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot open it: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: expected a regular file")
+        if st.st_size > limit:
+            raise BundleError(f"{path}: {st.st_size} bytes, more than the {limit} allowed")
+        try:
+            data = f.read(limit + 1)  # never more than the limit, even if the file grows meanwhile
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise BundleError(f"{path}: more than the {limit} bytes allowed")
+    return data
 
 
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: manifest_mod.Manifest
+    # (precision, role) -> bytes already read, checked and probed (see `pin`); read_graph serves them
+    pinned: dict = field(default_factory=dict, repr=False, compare=False)
 
     def read_graph(self, role: str, precision: str = "fp32", verify: bool = True) -> bytes:
-        """The ONNX bytes of one graph, after checking its sha256 (unless verify=False)."""
+        """The ONNX bytes of one graph, after checking its sha256 (unless verify=False) and
+        scanning its protobuf (always: see `vaeinfer.onnx_scan`)."""
+        if (precision, role) in self.pinned:
+            return self.pinned[precision, role]
         entry = self.manifest.files(precision)[role]
-        data = _read(_regular_file(self.path, entry.file), MAX_GRAPH_BYTES)
+        path = _regular_file(self.path, entry.file)
+        data = _read(path, MAX_GRAPH_BYTES)
         if verify:
             digest = hashlib.sha256(data).hexdigest()
             if digest != entry.sha256:
                 raise BundleError(f"{self.path / entry.file}: sha256 is {digest}, the manifest says {entry.sha256}; "
                                   "the file was changed or corrupted after export")
+        onnx_scan.scan(data, str(path))
         return data
+
+    def pin(self, precision: str = "fp32", verify: bool = True) -> "Bundle":
+        """This bundle with every graph of `precision` read, verified and scanned once, held in
+        memory: whatever loads the result runs exactly these bytes, whatever happens on disk."""
+        graphs = {(precision, role): self.read_graph(role, precision, verify) for role in self.manifest.specs()}
+        return Bundle(self.path, self.manifest, {**self.pinned, **graphs})
 
 
 def open_bundle(name_or_path: str | os.PathLike) -> Bundle:
