@@ -12,7 +12,7 @@ import numpy as np
 
 from vaeinfer import likelihood as lik
 from vaeinfer.bundle import Bundle
-from vaeinfer.errors import BackendError, BundleError, OutputError
+from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, VaeinferError
 from vaeinfer.manifest import PRECISIONS
 from vaeinfer.results import ModelInfo
 from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_device, parse_device
@@ -85,11 +85,26 @@ class Graph:
         return outs
 
     def _chunk(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.buckets:
-            return self._run_bucket(feeds)
-        if self.io_binding:
-            return self._run_bound(feeds, keep_on_device=False)
-        return self.session.run(self._output_names, feeds)
+        try:
+            if self.buckets:
+                outs = self._run_bucket(feeds)
+            elif self.io_binding:
+                outs = self._run_bound(feeds, keep_on_device=False)
+            else:
+                outs = self.session.run(self._output_names, feeds)
+        except VaeinferError:
+            raise
+        except _ort_errors() as e:  # never let onnxruntime's own exception types reach the app
+            raise run_error(self.what, e) from None
+        self._check_shapes(outs, len(next(iter(feeds.values()))))
+        return outs
+
+    def _check_shapes(self, outs: list[np.ndarray], rows: int) -> None:
+        """A graph may declare one output shape and produce another: refuse what the spec does not promise."""
+        for out, t in zip(outs, self.spec.outputs):
+            if out.shape != (rows, *t.shape[1:]):
+                raise BundleError(f"{self.what}: output {t.name} came out with shape {out.shape} for {rows} rows; "
+                                  f"the manifest promises {(rows, *t.shape[1:])}")
 
     def run_bound(self, feeds: dict[str, np.ndarray], keep_on_device: bool = False) -> list:
         """One call through IO binding, without chunking.
@@ -99,7 +114,14 @@ class Graph:
         on to another session without a round trip through the host; they are not checked here
         (that would need the copy this avoids): `check_finite(v.numpy(), ...)` does it.
         """
-        outs = self._run_bound(feeds, keep_on_device)
+        try:
+            outs = self._run_bound(feeds, keep_on_device)
+        except VaeinferError:
+            raise
+        except _ort_errors() as e:  # raw feeds, not validated: a shape/dtype/name onnxruntime refuses is the caller's
+            if type(e).__name__ == "InvalidArgument" or "invalid" in str(e).lower():
+                raise InputError(f"{self.what}: onnxruntime refused the feeds: {' '.join(str(e).split())[:500]}") from None
+            raise run_error(self.what, e) from None
         if not keep_on_device:
             for i in self._float_outputs:
                 check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
@@ -170,10 +192,36 @@ class Graph:
             return [v.numpy()[:rows].copy() if copy else v.numpy()[:rows] for v in outs]
 
 
+_ORT_ERRORS: tuple = ()
+
+
+def _ort_errors() -> tuple:
+    """onnxruntime's exception classes (plain Exception subclasses), plus RuntimeError (what its
+    IO binding raises) and MemoryError."""
+    global _ORT_ERRORS
+    if not _ORT_ERRORS:
+        from vaeinfer.session import _ort
+
+        state = vars(_ort().capi.onnxruntime_pybind11_state).values()
+        _ORT_ERRORS = (MemoryError, RuntimeError, *(v for v in state if isinstance(v, type) and issubclass(v, Exception)))
+    return _ORT_ERRORS
+
+
+def run_error(what: str, e: BaseException) -> Exception:
+    """A typed error for onnxruntime failing to run a graph on input that passed validation:
+    out of memory is the backend's (BackendError), anything else the graph's (BundleError)."""
+    text = " ".join(str(e).split())[:500]
+    if isinstance(e, MemoryError) or "alloc" in text.lower():
+        return BackendError(f"{what}: out of memory while running the graph: {text or type(e).__name__}")
+    return BundleError(f"{what}: onnxruntime failed to run the graph on a valid input: {type(e).__name__}: {text}")
+
+
 def check_finite(a: np.ndarray, what: str) -> None:
     """Refuse NaN/Inf. One reduction over the array (a sum is finite iff every term is, barring
     overflow); only a non-finite sum pays for the exact element-wise check."""
-    if not np.isfinite(a.sum()) and not np.isfinite(a).all():
+    with np.errstate(over="ignore", invalid="ignore"):  # the sum may overflow or meet inf - inf: no warnings
+        total = a.sum()
+    if not np.isfinite(total) and not np.isfinite(a).all():
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
         raise OutputError(f"{what}: {bad} of {a.size} values are NaN/Inf; expected finite values "
                           "(the input may be far outside what the model was trained on)")

@@ -94,7 +94,9 @@ def session_options(threads: int | None):
         if threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
         opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # errors only: warnings would go to the app's stderr
+    # fatal only: onnxruntime would write warnings, and each error it also raises (which vaeinfer
+    # turns into a typed exception carrying the message), to the app's stderr
+    opts.log_severity_level = 4
     return opts
 
 
