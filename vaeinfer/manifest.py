@@ -10,6 +10,7 @@ MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -72,6 +73,16 @@ def _get(data: dict, key: str, kind, where: str):
     return value
 
 
+def _finite(value) -> bool:
+    """A JSON number that is a finite float (huge ints, NaN and Infinity are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _positive(data: dict, key: str, where: str, limit: int = 1 << 16) -> int:
     value = _get(data, key, int, where)
     if not 0 < value <= limit:
@@ -90,7 +101,7 @@ def _graph_file(data: dict, where: str) -> GraphFile:
 
 
 def parse_version(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)\.(\d+)", text)
+    m = re.fullmatch(r"([0-9]{1,9})\.([0-9]{1,9})", text)  # ASCII digits, bounded: int() of 5000 digits raises
     if not m:
         raise BundleError(f"manifest: expected format_version 'MAJOR.MINOR', got {text!r:.40}")
     return int(m[1]), int(m[2])
@@ -115,7 +126,7 @@ def parse(data: dict) -> Manifest:
     if shape[0] not in (1, 3):
         raise BundleError(f"manifest: expected image.channels 1 or 3, got {shape[0]}")
     lo_hi = _get(image, "range", list, "image")
-    if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi) \
+    if len(lo_hi) != 2 or not all(_finite(v) for v in lo_hi) \
             or not lo_hi[0] < lo_hi[1]:
         raise BundleError(f"manifest: expected image.range [low, high] with low < high, got {lo_hi!r:.60}")
     latent_in = _get(data, "latent", dict, "")
@@ -134,7 +145,7 @@ def parse(data: dict) -> Manifest:
     likelihood = {"kind": lik_kind}
     if lik_kind == "gaussian":
         scale = _get(lik, "scale", (int, float), "likelihood")
-        if not scale > 0:
+        if not (_finite(scale) and scale > 0):
             raise BundleError(f"manifest: expected a positive likelihood.scale, got {scale}")
         likelihood["scale"] = float(scale)
 
