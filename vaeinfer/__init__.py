@@ -23,7 +23,8 @@ __all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "S
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
-         precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None):
+         precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
+         isolate: bool = False):
     """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
 
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
@@ -39,9 +40,19 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     io_binding: run through onnxruntime's IO binding (default: on CUDA yes, on CPU no, where
         plain `run` has less per-call overhead); `model.run_graph(role, feeds, keep_on_device=True)`
         always does, and leaves the outputs on the device.
+    isolate: for a bundle you do not trust, first open it in a child process (every session
+        created, one tiny batch run); if onnxruntime crashes or hangs there, BundleError here
+        instead of a dead app. Costs one process start and one extra session creation.
     Returns a `vaeinfer.vae.VAE` or `vaeinfer.vq.VQVAE`; both are safe to share between threads.
     """
     bundle = open_bundle(model)
+    if isolate:
+        from vaeinfer import _probe
+        from vaeinfer.session import parse_device
+
+        parse_device(device)  # a bad device string is the caller's error, not the bundle's
+        bundle = bundle.pin(precision, verify)  # the probe and this process run the same bytes
+        _probe.probe(bundle, precision, device)
     if bundle.manifest.kind == "vqvae":
         from vaeinfer.vq import VQVAE
 

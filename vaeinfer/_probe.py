@@ -1,0 +1,130 @@
+"""`vaeinfer.load(..., isolate=True)`: open an untrusted bundle in a child process first.
+
+The parent reads, verifies and scans the graphs (`Bundle.pin`), then pipes exactly those bytes
+to `python -m vaeinfer._probe`, which creates every onnxruntime session and runs one tiny batch
+through each graph. Only if the child exits cleanly does the parent create its own sessions,
+from the same bytes in memory (so nothing on disk can change between the probe and the load).
+A crash inside onnxruntime's parser or kernels (a segfault, an abort) then kills the child, not
+the app, and surfaces as a BundleError; so does a child that runs past `TIMEOUT` seconds.
+
+Protocol on stdin: one JSON line {"manifest", "precision", "device", "sizes": {role: bytes}},
+then the graphs' bytes in that order. Exit status 0: all sessions made and run; 3: a vaeinfer
+error (its class and message on stderr's last line); anything else: a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vaeinfer import errors
+from vaeinfer.errors import BundleError
+
+TIMEOUT = 120.0  # seconds for the child to create every session and run one batch
+_TYPED = 3
+_TAG = "vaeinfer-probe-error:"
+
+
+def command() -> list[str]:
+    """The child's command line (tests replace it to simulate a crash)."""
+    return [sys.executable, "-m", "vaeinfer._probe"]
+
+
+def probe(bundle, precision: str, device: str) -> None:
+    """Open `bundle`'s pinned graphs of `precision` in a child process; BundleError if it dies."""
+    roles = list(bundle.manifest.specs())
+    blobs = [bundle.pinned[precision, role] for role in roles]
+    header = {"manifest": bundle.manifest.raw, "precision": precision, "device": device,
+              "sizes": {role: len(b) for role, b in zip(roles, blobs)}}
+    payload = json.dumps(header).encode() + b"\n" + b"".join(blobs)
+    where = f"{bundle.path}: the isolated probe"
+    # run from the directory that holds this vaeinfer, so the child imports the same package
+    cwd = str(Path(__file__).resolve().parent.parent)
+    try:
+        done = subprocess.run(command(), input=payload, capture_output=True, timeout=TIMEOUT, cwd=cwd,
+                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"{where} did not finish within {TIMEOUT:g} s (killed); refusing the bundle") from None
+    except OSError as e:
+        raise BundleError(f"{where} could not start: {e}") from None
+    if done.returncode == 0:
+        return
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    fatal = [line for line in lines if line.startswith("Fatal Python error")]  # faulthandler's summary
+    tail = (fatal or lines or [""])[-1].strip()
+    if done.returncode == _TYPED and tail.startswith(_TAG):
+        name, _, message = tail[len(_TAG):].strip().partition(": ")
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.VaeinferError):
+            raise cls(message)
+    if done.returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-done.returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-done.returncode}"
+    else:
+        how = f"exited with status {done.returncode}"
+    raise BundleError(f"{where} {how} while onnxruntime opened and ran the graphs; refusing the bundle"
+                      + (f" (last output: {tail[:300]})" if tail else ""))
+
+
+def _tiny_feeds(spec, manifest) -> dict[str, np.ndarray]:
+    feeds = {}
+    for t in spec.inputs:
+        shape = (1, *t.shape[1:])
+        if t.dtype == "int64":
+            feeds[t.name] = np.zeros(shape, np.int64)
+        elif t.name == "x":
+            feeds[t.name] = np.full(shape, manifest.value_range[0], np.float32)
+        else:
+            feeds[t.name] = np.zeros(shape, np.float32)
+    return feeds
+
+
+def _child() -> None:
+    from vaeinfer import manifest as manifest_mod
+    from vaeinfer.errors import BackendError
+    from vaeinfer.runtime import Graph
+    from vaeinfer.session import Device, create_session, parse_device
+
+    stream = sys.stdin.buffer
+    header = json.loads(stream.readline())
+    manifest = manifest_mod.parse(header["manifest"])
+    specs = manifest.specs()
+    device = parse_device(header["device"])
+    for role, size in header["sizes"].items():
+        data = stream.read(size)
+        if len(data) != size:
+            raise BundleError(f"probe: expected {size} bytes of {role}, got {len(data)}")
+        what = f"{manifest.name}/{role}"
+        try:
+            session = create_session(data, device, 1, what)
+        except BackendError:
+            if not device.auto:
+                raise
+            device = Device("cpu")
+            session = create_session(data, device, 1, what)
+        Graph(session, specs[role], what)  # the signature check
+        try:
+            session.run(None, _tiny_feeds(specs[role], manifest))
+        except Exception as e:  # onnxruntime's own exception types
+            raise BundleError(f"{what}: onnxruntime failed to run one batch of valid input: {str(e)[:300]}") from None
+
+
+def main() -> int:
+    try:
+        _child()
+    except errors.VaeinferError as e:
+        print(f"{_TAG} {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return _TYPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
