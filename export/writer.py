@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +26,8 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
 
     The manifest is checked by the runtime's own parser first. An existing `out_dir` must be a
     bundle (or empty): an unrelated folder is never replaced. A crash before the swap leaves
-    the old bundle untouched; during the swap, at worst a hidden `.old` folder remains.
+    the old bundle untouched; on Linux the swap itself is one atomic exchange of the two folders,
+    elsewhere a crash between its two renames leaves a hidden `.old` folder and no `out_dir`.
     """
     out = Path(out_dir)
     manifest_mod.parse(manifest)
@@ -39,15 +43,45 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(tmp)
+        if out.exists() and _exchange(tmp, out):
+            pass  # one atomic step: `out` is the new bundle, `tmp` the old one (removed below)
+        else:
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rmdir(old)
+                os.rename(out, old)
+            os.rename(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        _fsync(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system cannot, and the caller falls back to two renames, between which a crash leaves `b`
+    missing (the old bundle then sits in a hidden `.NAME.old-*` folder beside it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every system lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
