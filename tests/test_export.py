@@ -226,7 +226,7 @@ def test_reexport_replaces_bundle(mlp, tmp_path):
 
     out = export_checkpoint(mlp.run, tmp_path / "b")
     before = json.loads((out / "manifest.json").read_text())
-    out = export_checkpoint(mlp.run, tmp_path / "b", name="again")
+    out = export_checkpoint(mlp.run / "checkpoint.json", tmp_path / "b", name="again")  # the JSON path works too
     after = json.loads((out / "manifest.json").read_text())
     assert after["name"] == "again" and before["name"] == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no .new / .old folders left

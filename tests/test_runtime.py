@@ -141,6 +141,19 @@ def test_latent_errors(vae):
     assert vae.decode(np.zeros((2, 4), np.float64)).shape == (2, 3, 13, 17)
 
 
+def test_non_finite_output_refused(vae):
+    """Latents far outside the prior overflow the decoder: an OutputError, and no numpy warnings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(vaeinfer.OutputError, match="NaN/Inf"):
+            vae.decode(np.full((2, 4), 3e38, np.float32))
+        from vaeinfer.runtime import check_finite
+
+        check_finite(np.full(8, 3e38, np.float32), "big but finite")  # the sum overflows; the values do not
+
+
 def test_call_argument_errors(vae, images):
     _raises(lambda: vae.sample(0), "positive integer", "0")
     _raises(lambda: vae.sample(-3), "positive integer")
