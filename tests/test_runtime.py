@@ -66,6 +66,13 @@ def test_score_seeds(vae, images):
     assert not np.array_equal(vae.score(x, samples=8, seed=1).nll, vae.score(x, samples=8, seed=2).nll)
 
 
+def test_score_one_sample_is_the_elbo(vae, images):
+    s = vae.score(images[:4], samples=1)
+    np.testing.assert_allclose(s.nll, s.elbo, rtol=1e-12)
+    many = vae.score(images[:4], samples=64)
+    assert (many.nll <= many.elbo).all()
+
+
 def test_encode_decode_deterministic(vae, images):
     post = vae.encode(images[:5])
     np.testing.assert_array_equal(post.mean, vae.encode(images[:5]).mean)
