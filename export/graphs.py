@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import onnx
@@ -40,8 +41,11 @@ def example_inputs(spec: GraphSpec, batch: int, seed: int, limits: dict | None =
 
 
 def _quiet_exporter() -> None:
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # torch logs a failed trace (with tracebacks) before raising; the ExportError made from the
+    # exception says the same, so that a bad module costs one line on the CLI, not a screenful
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export",
+                 "torch._subclasses.fake_tensor"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class _Prefixed(torch.nn.Module):
@@ -64,11 +68,14 @@ def trace(module: torch.nn.Module, spec: GraphSpec, limits: dict | None = None, 
     args = tuple(torch.from_numpy(a) for a in example_inputs(spec, TRACE_BATCH, 0, limits))
     batch = Dim(BATCH)
     try:
-        program = torch.onnx.export(
-            module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs], dynamic_shapes=(tuple({0: batch} for _ in args),),  # *args
-            external_data=False, opset_version=opset, optimize=True, verbose=False,
-        )
+        with warnings.catch_warnings():
+            # torch's own deprecation inside its exporter; nothing the caller can act on
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs], dynamic_shapes=(tuple({0: batch} for _ in args),),  # *args
+                external_data=False, opset_version=opset, optimize=True, verbose=False,
+            )
     except Exception as e:  # the exporter raises many types; say which graph failed and why
         raise ExportError(f"{spec.role}: torch.onnx.export failed: {type(e).__name__}: {str(e)[:1000]}") from e
     model = program.model_proto
