@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -48,6 +53,10 @@ USER_MODULES = textwrap.dedent('''
     def build():
         torch.manual_seed(0)
         return Encoder(), Decoder()
+
+
+    def build_wrong_latent():
+        return Encoder(latent=3), Decoder(latent=5)
 ''')
 
 
@@ -64,7 +73,10 @@ def user_modules(tmp_path_factory):
 def test_export_user_modules(user_modules, tmp_path):
     _, ns = user_modules
     encoder, decoder = ns["build"]()
-    out = export_vae(encoder, decoder, (1, 8, 8), tmp_path / "mine", name="mine")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_vae(encoder, decoder, (1, 8, 8), tmp_path / "mine", name="mine")
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]  # torch's internals
     vae = vaeinfer.load(out, device="cpu")
     assert vae.info.latent == {"dim": 3} and vae.info.image_shape == (1, 8, 8) and vae.info.name == "mine"
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
@@ -119,6 +131,21 @@ def test_cli_export_modules_errors(user_modules, tmp_path, args, message):
     assert result.exit_code != 0
     assert message in result.stderr
     assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_failure_is_one_line(user_modules, tmp_path):
+    """torch's own logging of a failed trace (tracebacks at ERROR level) never reaches the terminal."""
+    path, _ = user_modules
+    script = Path(sys.executable).parent / "vaeinfer"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vaeinfer.cli"]
+    done = subprocess.run([*command, "export", "--modules", f"{path}:build_wrong_latent", "--image-shape", "1x8x8",
+                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: decoder: torch.onnx.export failed"), done.stderr
+    assert "same reduction dim" in lines[0]  # the cause, in that one line
     assert not (tmp_path / "b").exists()
 
 
