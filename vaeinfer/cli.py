@@ -408,7 +408,13 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
 @click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), default="bernoulli", show_default=True,
               help="With --modules: what the decoder's output parameterises.")
 @click.option("--scale", type=float, default=None, help="With --modules and gaussian: the fixed std.")
-def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale):
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
+              help="Also write this precision variant into the bundle (repeatable): fp16 (for GPUs), int8 "
+                   "(static QDQ, calibrated on the run's training images; for CPUs with VNNI). Each is "
+                   "validated against fp32 on held-out images; its errors and speed-up go into the manifest.")
+@click.option("--calibration-data", default=None, type=click.Path(exists=True),
+              help="With --modules and --precision: training images to calibrate on (.npy/.npz, IDX, image folder).")
+def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, precisions, calibration_data):
     """Export a run folder (or its checkpoint.json), or your own modules, to a validated ONNX bundle."""
     _training_side()
     from export import export_checkpoint, export_vae
@@ -423,10 +429,36 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale):
         path = export_checkpoint(checkpoint, out, name=name)
     else:
         raise click.UsageError("give a CHECKPOINT (run folder or checkpoint.json) or --modules")
+    if precisions:
+        _export_variants(path, checkpoint, precisions, calibration_data, None if not modules else shape)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     for role, figures in manifest["export"]["parity"]["graphs"].items():
         click.echo(f"{role}: parity vs PyTorch at batches {manifest['export']['parity']['batches']}: {figures}", err=True)
+    for precision, entry in manifest.get("variants", {}).items():
+        speed = ", ".join(f"{role} x{v['speedup']:.2f}" for role, v in entry["speedup"]["graphs"].items())
+        err = entry["error"]
+        nll = f", NLL {err['nll']['diff']:+.3f} nats" if "nll" in err else ""
+        click.echo(f"{precision}: speed-up at batch {entry['speedup']['batch']}: {speed}; reconstruction mean abs "
+                   f"error {err['reconstruction']['mean_abs_err']:.4f}{nll}", err=True)
     click.echo(f"wrote bundle {path}", err=True)
+
+
+def _export_variants(path, checkpoint, precisions, calibration_data, shape) -> None:
+    from export.variants import add_variants, add_variants_from_run
+
+    def say(message):
+        click.echo(message, err=True)
+
+    if checkpoint:
+        add_variants_from_run(path, checkpoint, list(precisions), progress=say)
+        return
+    if not calibration_data:
+        raise click.UsageError("--precision with --modules needs --calibration-data (training images to calibrate on)")
+    from training.data import load_data
+
+    data = load_data(calibration_data, image_size=shape[1:], channels=shape[0])
+    add_variants(path, list(precisions), data.images, calibration_labels=data.labels,
+                 source={"data": str(calibration_data)}, progress=say)
 
 
 def _import_function(spec: str):

@@ -1,0 +1,433 @@
+"""Precision variants of a bundle's graphs, written into the bundle's manifest `variants` slot.
+
+    from export.variants import add_variants
+    add_variants("bundles/mnist-vae", ["fp16", "int8"], calibration=train_images, evaluation=test_images)
+
+- fp16: onnxconverter-common's float16 conversion with fp32 inputs/outputs (keep_io_types), for
+  GPUs; on a CPU it is rarely faster (the manifest records what it measured).
+- int8: onnxruntime.quantization static QDQ (uint8 activations, int8 per-channel weights),
+  calibrated on *training* images (encoder) and on encoder posterior samples / codes of those
+  images (decoder, prior); never on the evaluation data. Activation ranges are the 99.99th
+  percentile of what calibration saw (on the bundled VAE this halved the NLL error of MinMax
+  ranges, which a few outlying activations stretch). Fast on CPUs with AVX-512 VNNI / AVX-VNNI.
+
+Nodes that feed an ArgMin/ArgMax (VQ codebook distances and the vectors they compare) stay in
+fp32 in both variants: their precision decides the codes. Output layers are converted too by
+default (keep_outputs=True keeps them fp32: more accurate logits, a slower int8 decoder).
+
+Each variant is validated before it is written: a non-finite output on the evaluation data fails
+the export; the errors against fp32 (raw outputs, images, reconstructions, test NLL) and the
+speed-up per graph at batch 256 (onnxruntime CPU) are recorded in the manifest beside its files.
+The bundle is re-written atomically (all files or none, see `export.writer.write_bundle`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from export.graphs import IR_VERSION, ExportError
+from export.writer import sha256, write_bundle
+from vaeinfer.bundle import open_bundle
+
+VARIANTS = ("fp16", "int8")
+SPEED_BATCH = 256
+# ops that only move or reshape data: walking back from an output through them reaches the
+# node that computes it
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Transpose",
+                 "Concat", "Gather", "Cast", "Shape", "Expand", "Pad", "Crop"}
+_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# a variant whose reconstructions differ from fp32's by more than this (mean abs, in the image
+# range) is refused: the quantization went wrong somewhere
+DEFAULT_MAX_IMAGE_MAE = 0.05
+
+
+# --- making the graphs ------------------------------------------------------------------------
+
+def keep_fp32_nodes(model: onnx.ModelProto, outputs: bool = True) -> list[str]:
+    """Names of the compute nodes that stay fp32: the nearest ones upstream of each graph output
+    (through data-movement ops only; when `outputs`), and the nearest ones upstream of each
+    ArgMin/ArgMax (through any non-compute op: the codebook distances and the vectors they compare)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep = set()
+
+    def nearest(tensors, through):
+        stack, seen = list(tensors), set()
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in _COMPUTE:
+                keep.add(node.name)
+            elif through(node):
+                stack.extend(i for i in node.input if i)
+
+    if outputs:
+        nearest([o.name for o in model.graph.output], lambda n: n.op_type in _PASS_THROUGH)
+    for node in model.graph.node:
+        if node.op_type in ("ArgMin", "ArgMax"):
+            nearest(list(node.input), lambda n: True)
+    return sorted(keep)
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name (the quantizer and the fp16 block list address nodes by name)."""
+    used = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in used:
+            node.name = f"{node.op_type}_{i}"
+        used.add(node.name)
+    return model
+
+
+def _finish(model: onnx.ModelProto, precision: str) -> bytes:
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    # the tools import domains they do not use (ai.onnx.ml); the runtime refuses unknown domains
+    used = {n.domain for n in model.graph.node} | {""}
+    kept = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    entry = next((p for p in model.metadata_props if p.key == "vaeinfer.precision"), None)
+    if entry is None:
+        entry = model.metadata_props.add()
+        entry.key = "vaeinfer.precision"
+    entry.value = json.dumps(precision)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the {precision} graph fails onnx.checker: {e}") from e
+    return model.SerializeToString()
+
+
+def make_fp16(data: bytes) -> bytes:
+    """fp16 weights and arithmetic, fp32 inputs/outputs; output and codebook-distance nodes stay fp32."""
+    from onnxconverter_common import float16
+
+    model = _named(onnx.load_from_string(data))
+    # fp16 keeps the output layers in fp16 too (a block-listed node that writes a graph output
+    # makes the converter emit an fp16 output despite keep_io_types; fp16's 11 bits of mantissa
+    # are ample for logits); only the codebook distances stay fp32
+    keep = keep_fp32_nodes(model, outputs=False)
+    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep or None)
+    want = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    got = {v.name: v.type.tensor_type.elem_type for v in (*half.graph.input, *half.graph.output)}
+    if got != want:
+        raise ExportError(f"the fp16 conversion changed the graph's input/output types: {got}, expected {want}")
+    return _finish(half, "fp16")
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def make_int8(data: bytes, calibration: list[dict], keep_outputs: bool = False, method: str = "Percentile",
+              percentile: float = 99.99) -> bytes:
+    """Static QDQ int8 (uint8 activations, int8 symmetric per-channel weights), calibrated on
+    `calibration` (a list of feeds) with `method` (Percentile: activation ranges clipped at the
+    `percentile`-th percentile of what calibration saw; MinMax; Entropy). Codebook-distance nodes
+    stay fp32; output layers too with keep_outputs=True (slower: the fp32 layer's input must be
+    dequantized, and on CPU a 1-channel fp32 convolution is inefficient)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="vaeinfer-int8-") as tmp:
+        src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        src.write_bytes(_named(onnx.load_from_string(data)).SerializeToString())
+        try:  # shape inference + constant folding first, as onnxruntime recommends; optional
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            model_in = pre
+        except Exception:  # noqa: BLE001 (a graph it cannot pre-process is quantized as it is)
+            model_in = src
+        model = _named(onnx.load(str(model_in)))
+        onnx.save(model, str(model_in))
+        exclude = keep_fp32_nodes(model, outputs=keep_outputs)
+        try:
+            quantize_static(str(model_in), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude,
+                            op_types_to_quantize=sorted(_COMPUTE),
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibPercentile": percentile})
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
+        return _finish(onnx.load(str(out)), "int8")
+
+
+# --- inputs for calibration, evaluation and timing --------------------------------------------
+
+def _session(data: bytes, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def graph_feeds(manifest, sessions: dict, images: np.ndarray, labels: np.ndarray | None, seed: int) -> dict:
+    """Each graph's inputs derived from real images: the images themselves (encoder); posterior
+    samples z = mean + std * eps (VAE decoder) or the codes (VQ decoder, prior) that the fp32
+    encoder gives them; labels for a class-conditional prior (random ones if none are known)."""
+    rng = np.random.default_rng(seed)
+    x = np.ascontiguousarray(images, np.float32)
+    feeds = {"encoder": {"x": x}}
+    enc = sessions["encoder"].run(None, {"x": x})
+    if manifest.kind == "vae":
+        mean, logvar = enc
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        feeds["decoder"] = {"z": (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)}
+    else:
+        codes = enc[0].astype(np.int64)
+        feeds["decoder"] = {"codes": codes}
+        if "prior" in sessions:
+            prior = {"codes": codes}
+            n = manifest.prior["num_classes"]
+            if n > 0:
+                lab = labels if labels is not None else rng.integers(0, n, len(codes))
+                prior["label"] = np.asarray(lab, np.int64)[:len(codes)]
+            feeds["prior"] = prior
+    return feeds
+
+
+def _chunks(feeds: dict, size: int) -> list[dict]:
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size)]
+
+
+def _time(session: ort.InferenceSession, feeds: dict, repeats: int) -> float:
+    session.run(None, feeds)
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        best.append(time.perf_counter() - t0)
+    return float(np.median(best))
+
+
+def speedups(fp32: dict[str, bytes], variant: dict[str, bytes], feeds: dict, batch: int = SPEED_BATCH,
+             repeats: int = 10, threads: int | None = None) -> dict:
+    """fp32 time / variant time per graph at `batch` rows, onnxruntime CPU, interleaved runs."""
+    out = {}
+    for role in variant:
+        f = {k: _tile(v, batch) for k, v in feeds[role].items()}
+        a, b = _session(fp32[role], threads), _session(variant[role], threads)
+        ta, tb = [], []
+        for _ in range(3):  # interleave, so that a slow moment of the machine hits both
+            ta.append(_time(a, f, repeats))
+            tb.append(_time(b, f, repeats))
+        out[role] = {"fp32_ms": min(ta) * 1e3, "variant_ms": min(tb) * 1e3, "speedup": min(ta) / min(tb)}
+    return out
+
+
+def _tile(a: np.ndarray, rows: int) -> np.ndarray:
+    reps = -(-rows // len(a))
+    return np.ascontiguousarray(np.concatenate([a] * reps)[:rows])
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _err(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return {"max_abs_err": float(d.max()), "mean_abs_err": float(d.mean())}
+
+
+def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.ndarray | None,
+             nll_images: int, nll_samples: int, seed: int = 0) -> dict:
+    """Errors of a written variant against fp32 through the runtime itself, on `images`.
+
+    Raises ExportError on any non-finite output (the runtime refuses them as OutputError).
+    """
+    import vaeinfer
+    from vaeinfer.errors import OutputError
+
+    ref = vaeinfer.load(bundle_dir, device="cpu")
+    var = vaeinfer.load(bundle_dir, device="cpu", precision=precision)
+    x = np.ascontiguousarray(images, np.float32)
+    try:
+        errors = {}
+        if ref.info.kind == "vae":
+            pa, pb = ref.encode(x), var.encode(x)
+            errors["encoder"] = {"mean": _err(pa.mean, pb.mean), "logvar": _err(pa.logvar, pb.logvar)}
+            errors["decoder"] = {"params": _err(ref.decode_params(pa.mean), var.decode_params(pa.mean)),
+                                 "images": _err(ref.decode(pa.mean), var.decode(pa.mean))}
+            errors["reconstruction"] = _err(ref.decode(pa.mean), var.decode(pb.mean))
+            if nll_images:
+                xs = x[:nll_images]
+                na = ref.score(xs, samples=nll_samples, seed=seed).nll
+                nb = var.score(xs, samples=nll_samples, seed=seed).nll
+                errors["nll"] = {"images": len(xs), "samples": nll_samples, "fp32": float(na.mean()),
+                                 "variant": float(nb.mean()), "diff": float(nb.mean() - na.mean()),
+                                 "max_abs_diff": float(np.abs(nb - na).max())}
+        else:
+            ca, cb = ref.encode(x), var.encode(x)
+            errors["encoder"] = {"codes_mismatch": float(np.mean(ca.codes != cb.codes)), "z_q": _err(ca.z_q, cb.z_q)}
+            errors["decoder"] = {"images": _err(ref.decode(ca.codes), var.decode(ca.codes))}
+            errors["reconstruction"] = _err(ref.decode(ca.codes), var.decode(cb.codes))
+            if ref.info.has_prior and nll_images:
+                lab = None
+                if ref.info.num_classes:
+                    lab = labels[:nll_images] if labels is not None else np.zeros(min(nll_images, len(x)), np.int64)
+                codes = ca.codes[:nll_images]
+                na, nb = ref.prior_nll(codes, label=lab), var.prior_nll(codes, label=lab)
+                errors["prior_nll"] = {"images": len(codes), "fp32": float(na.mean()), "variant": float(nb.mean()),
+                                       "diff": float(nb.mean() - na.mean())}
+    except OutputError as e:
+        raise ExportError(f"the {precision} variant produced non-finite values on the evaluation data: {e}") from e
+    return errors
+
+
+# --- the bundle -------------------------------------------------------------------------------
+
+def _bundle_files(bundle) -> dict[str, bytes]:
+    """Every graph file the manifest names (fp32 and variants), verified."""
+    m = bundle.manifest
+    files = {}
+    for precision in ("fp32", *m.variants):
+        for role, entry in m.files(precision).items():
+            if entry.file not in files:
+                files[entry.file] = bundle.read_graph(role, precision)
+    return files
+
+
+def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, evaluation: np.ndarray | None = None, *,
+                 calibration_labels: np.ndarray | None = None, evaluation_labels: np.ndarray | None = None,
+                 out_dir: str | Path | None = None, source: dict | None = None, max_calibration: int = 512,
+                 calibration_batch: int = 64, nll_images: int = 1000, nll_samples: int = 100,
+                 max_image_mae: float = DEFAULT_MAX_IMAGE_MAE, speed_batch: int = SPEED_BATCH,
+                 threads: int | None = None, seed: int = 0, keep_outputs: bool = False,
+                 method: str = "Percentile", percentile: float = 99.99, progress=None) -> Path:
+    """Make, validate and add precision variants to a bundle (in place, or into `out_dir`).
+
+    calibration: training images (N, C, H, W) float32 in the image range (int8 calibrates on
+        at most `max_calibration` of them). evaluation: held-out images (the test set) for the
+        errors and the NLL; default: the calibration images beyond `max_calibration`, else them.
+    progress(message), if given, is told what is happening.
+    """
+    say = progress or (lambda _msg: None)
+    for p in precisions:
+        if p not in VARIANTS:
+            raise ExportError(f"precision must be one of {VARIANTS}, got {p!r}")
+    bundle = open_bundle(bundle_dir)
+    m = bundle.manifest
+    fp32 = {role: bundle.read_graph(role) for role in m.specs()}
+    sessions = {role: _session(data) for role, data in fp32.items()}
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(calibration))
+    calib_idx = np.sort(order[:max_calibration])
+    calib = np.ascontiguousarray(calibration[calib_idx], np.float32)
+    calib_labels = None if calibration_labels is None else np.asarray(calibration_labels)[calib_idx]
+    if evaluation is None:
+        rest = np.sort(order[max_calibration:])
+        evaluation = calibration[rest] if len(rest) else calib
+        evaluation_labels = None if calibration_labels is None else np.asarray(calibration_labels)[rest] \
+            if len(rest) else calib_labels
+    feeds = graph_feeds(m, sessions, calib, calib_labels, seed)
+    files = _bundle_files(bundle)
+    manifest = copy.deepcopy(m.raw)
+    manifest.setdefault("variants", {})
+    made = {}
+    for precision in dict.fromkeys(precisions):
+        say(f"{precision}: converting {', '.join(fp32)}")
+        graphs = {}
+        for role, data in fp32.items():
+            if precision == "fp16":
+                graphs[role] = make_fp16(data)
+            else:
+                graphs[role] = make_int8(data, _chunks(feeds[role], calibration_batch), keep_outputs, method, percentile)
+        made[precision] = graphs
+        for role, data in graphs.items():
+            name = f"{role}.{precision}.onnx"
+            files[name] = data
+        manifest["variants"][precision] = {
+            "graphs": {role: {"file": f"{role}.{precision}.onnx", "sha256": sha256(data)}
+                       for role, data in graphs.items()}}
+    # a first write to a scratch copy, so that the runtime itself can evaluate the variants
+    with tempfile.TemporaryDirectory(prefix="vaeinfer-variants-") as tmp:
+        scratch = write_bundle(Path(tmp) / "bundle", manifest, files)
+        for precision, graphs in made.items():
+            say(f"{precision}: validating against fp32 on {len(evaluation)} held-out images")
+            errors = evaluate(scratch, precision, evaluation, evaluation_labels, min(nll_images, len(evaluation)),
+                              nll_samples, seed)
+            mae = errors["reconstruction"]["mean_abs_err"]
+            if not mae <= max_image_mae:
+                raise ExportError(f"the {precision} variant's reconstructions differ from fp32's by {mae:.4f} "
+                                  f"(mean abs), more than the {max_image_mae} allowed")
+            say(f"{precision}: timing fp32 against {precision} at batch {speed_batch}")
+            speed = speedups(fp32, graphs, feeds, speed_batch, threads=threads)
+            entry = manifest["variants"][precision]
+            entry.update({
+                "method": _method(precision, keep_outputs, method, percentile),
+                "calibration": None if precision == "fp16" else {
+                    **(source or {}), "images": len(calib), "split": "train", "seed": seed},
+                "error": {"evaluated_on": {**(source or {}), "images": len(evaluation), "split": "held out"}, **errors},
+                "speedup": {"batch": speed_batch, "provider": "CPUExecutionProvider", "threads": threads,
+                            "onnxruntime_version": ort.__version__, "graphs": speed},
+            })
+    say(f"writing {out_dir or bundle_dir}")
+    return write_bundle(out_dir or bundle.path, manifest, files)
+
+
+def _method(precision: str, keep_outputs: bool, method: str, percentile: float) -> dict:
+    if precision == "fp16":
+        return {"tool": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
+                "fp32_nodes": "codebook distances (VQ)"}
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8 asymmetric",
+            "weights": "int8 symmetric per-channel", "calibration": method,
+            **({"percentile": percentile} if method == "Percentile" else {}),
+            "fp32_nodes": "codebook distances (VQ)" + (" and output layers" if keep_outputs else "")}
+
+
+# --- from a training run ----------------------------------------------------------------------
+
+def run_data(meta: dict) -> tuple:
+    """(train images, train labels, held-out images, held-out labels, description) of the run
+    that made a checkpoint: its own data, train/validation split and binarization. Held out
+    is the dataset's test split when it has one (an MNIST-style folder with t10k-* files),
+    else the run's validation split."""
+    from training.data import load_data, split
+
+    cfg = meta["config"]
+    kwargs = {"image_size": cfg.get("image_size"), "channels": cfg.get("channels")}
+    data = load_data(cfg["data"], **kwargs)
+    train, val = split(data, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    held, held_name = val, "validation split"
+    folder = Path(cfg["data"])
+    tests = sorted(folder.glob("t10k-images-idx3-ubyte*")) if folder.is_dir() else []
+    if tests:
+        held, held_name = load_data(tests[0], **kwargs), f"test split ({tests[0].name})"
+    x_held = held.images
+    if cfg.get("binarize") == "dynamic":  # the likelihood was fitted to binary images
+        from training.evaluate import binarize
+
+        x_held = binarize(x_held, seed=cfg.get("seed", 0))
+    desc = {"data": cfg["data"], "held_out": held_name, "binarized": cfg.get("binarize") == "dynamic"}
+    return train.images, train.labels, x_held, held.labels, desc
+
+
+def add_variants_from_run(bundle_dir: str | Path, run: str | Path, precisions, **kwargs) -> Path:
+    """add_variants with the calibration and evaluation data of the run that made the bundle."""
+    from training import checkpoint as ckpt
+
+    _, meta = ckpt.load(run)
+    x_train, y_train, x_held, y_held, desc = run_data(meta)
+    return add_variants(bundle_dir, precisions, x_train, x_held, calibration_labels=y_train,
+                        evaluation_labels=y_held, source=desc, **kwargs)
