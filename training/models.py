@@ -139,14 +139,17 @@ class VAE(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim_of(encoder, self.image_shape)
 
-    def loss(self, x, target, beta: float, generator: torch.Generator | None = None):
+    def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
         """Per-batch means of loss, recon (-log p(x|z)) and kl, in nats per image.
 
         `x` is what the encoder sees and `target` what the decoder must explain (they differ
-        with dynamic binarization).
+        with dynamic binarization). `eps`, the reparameterisation noise (N, latent), is drawn
+        from `generator` when not given (data-parallel training passes each rank its rows of
+        the global batch's noise).
         """
         mean, logvar = self.encoder(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
         recon = -self.likelihood.log_prob(target, self.decoder(z))
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from training import distributed
+
 
 class Quantized(NamedTuple):
     """What `VectorQuantizer.forward` returns for z (N, D, h, w)."""
@@ -122,6 +124,10 @@ class VectorQuantizer(nn.Module):
         with torch.no_grad():
             onehot = F.one_hot(codes.flatten(), self.codebook_size).to(z.dtype)  # (M, K)
             counts = onehot.sum(dim=0)
+            if self.training:
+                # data-parallel training: every rank updates with the global batch's statistics
+                # (a no-op in one process; see training.distributed)
+                distributed.all_reduce_sum_(counts)
             probs = counts / counts.sum()
             perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
             usage = (counts > 0).to(z.dtype).mean()
@@ -138,7 +144,7 @@ class VectorQuantizer(nn.Module):
         flat_z = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
         if self.ema:
             # a one-hot matmul rather than index_add_: deterministic on CUDA too
-            self._ema_update(counts, onehot.t() @ flat_z)
+            self._ema_update(counts, distributed.all_reduce_sum_(onehot.t() @ flat_z))
         if self.restart_dead_codes:
             self._restart(dead, flat_z, generator)
         return dead
@@ -156,6 +162,7 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
+        flat_z = distributed.all_gather_rows(flat_z)  # all ranks' rows, in the global batch's order
         rows = torch.randint(0, len(flat_z), (n_dead,), generator=generator, device=flat_z.device)
         fresh = flat_z[rows]
         index = dead.nonzero().squeeze(1)
@@ -168,7 +175,7 @@ class VectorQuantizer(nn.Module):
 
     def _kmeans_init(self, z: torch.Tensor, generator: torch.Generator | None) -> None:
         """Lloyd's k-means on the batch's vectors, seeded with K of them drawn with `generator`."""
-        flat_z = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
+        flat_z = distributed.all_gather_rows(z.permute(0, 2, 3, 1).reshape(-1, self.code_dim))
         # with replacement only when the batch holds fewer vectors than codes
         if len(flat_z) >= self.codebook_size:
             rows = torch.randperm(len(flat_z), generator=generator, device=flat_z.device)[: self.codebook_size]

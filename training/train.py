@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.data import DEFAULT_DATA, load_data, split
 from training.likelihood import Likelihood
 from training.models import build_model, kl_weight
@@ -155,6 +155,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
         # a step budget says how far to go, not what to train: a given max_steps replaces the saved one
         overrides = {"device": config.device} | ({"max_steps": config.max_steps} if config.max_steps is not None else {})
         config = TrainConfig.from_json(checkpoint.load(run_dir)[1]["config"] | overrides)
+    ctx = distributed.setup(config.device)  # several processes under torchrun; see training.distributed
+    if ctx.enabled:
+        config = replace(config, device=ctx.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_data(config.data, config.image_size, config.channels)
@@ -166,6 +169,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     val_images = torch.from_numpy(val_set.images)
 
     model, optimizer, generator, progress, history = _model_and_state(config, image_shape, run_dir, resume)
+    loss_fn = ctx.loss_fn(model)  # model.loss, or its data-parallel form that takes the global batch
     progress["done"] = config.max_steps is not None and progress["global_step"] >= config.max_steps
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -173,9 +177,11 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     model.train()
 
     def checkpoint_now():
-        save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, progress, history, data_facts)
+        if ctx.is_main:
+            save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, progress, history, data_facts)
+        ctx.barrier()
 
-    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=not progress_bar, unit="step")
+    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=not (progress_bar and ctx.is_main), unit="step")
     while progress["epoch"] < config.epochs and not progress["done"]:
         epoch = progress["epoch"]
         order = epoch_order(config.seed, epoch, len(images))
@@ -186,7 +192,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, progress["global_step"], total_steps)
             beta = kl_weight(progress["global_step"], warmup_steps, config.beta)
-            losses = model.loss(x, target, beta=beta, generator=generator)
+            losses = loss_fn(x, target, beta=beta, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -210,14 +216,18 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
         progress["seconds"] += time.perf_counter() - started
         row = {"epoch": epoch + 1, "step": progress["global_step"],
                "beta": kl_weight(progress["global_step"], warmup_steps, config.beta),
-               "lr": optimizer.param_groups[0]["lr"], **{k: v / len(images) for k, v in progress["sums"].items()}, **evaluate(model, val_images, config),
+               "lr": optimizer.param_groups[0]["lr"], **{k: v / len(images) for k, v in progress["sums"].items()}, **(evaluate(model, val_images, config) if ctx.is_main else {}),
                "seconds": round(progress["seconds"], 2)}
         history.append(row)
-        bar.write(json.dumps(row))
+        if ctx.is_main:
+            bar.write(json.dumps(row))
         progress.update(epoch=epoch + 1, step_in_epoch=0, sums={}, seconds=0.0)
         checkpoint_now()
     bar.close()
-    finish(run_dir, model, history, config, val_images if len(val_images) else images)
+    if ctx.is_main:
+        finish(run_dir, model, history, config, val_images if len(val_images) else images)
+    ctx.barrier()
+    ctx.teardown()
     return checkpoint.resolve(run_dir)
 
 

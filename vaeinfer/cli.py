@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -367,7 +368,8 @@ def train(ctx, config_file, resume, out, quiet, **flags):
         values["channels"] = int(flags["channels"]) if flags["channels"] else None
     config = TrainConfig.from_json({**values, "arch": arch, "model_args": model_args})
     path = run(config, out, resume=resume, progress_bar=not quiet)
-    click.echo(f"checkpoint: {path}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+        click.echo(f"checkpoint: {path}", err=True)
 
 
 @main.command("train-prior")
