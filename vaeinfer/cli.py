@@ -483,5 +483,40 @@ def _import_function(spec: str):
     return getattr(module, func)
 
 
+@main.command("triton-repo")
+@click.option("-m", "--model", default=vaeinfer.DEFAULT_MODEL, show_default=True,
+              help="A bundled model's name or a bundle directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The Triton model repository folder (created if missing; other models in it are kept).")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Triton's largest batch; 0 turns batching off.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances per device (the instance group's count).")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Run the instances on CPU (KIND_CPU) or GPU (KIND_GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which of the bundle's graph variants to serve.")
+@click.option("--name", default=None, help="Model name prefix (default: the bundle's name): NAME_encoder, ...")
+@click.option("--preferred-batch-size", "preferred", type=click.IntRange(min=1), multiple=True,
+              help="The dynamic batcher's preferred batch sizes (repeatable; default: half the max and the max).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="How long the dynamic batcher may hold a request to fill a batch.")
+@click.option("--overwrite", is_flag=True, help="Replace this bundle's models if the repository already has them.")
+def triton_repo(model, out, max_batch_size, instances, kind, precision, name, preferred, max_queue_delay_us, overwrite):
+    """Write a Triton Inference Server model repository serving a bundle's graphs (onnxruntime backend).
+
+    Then: docker run --rm -p8000:8000 -p8001:8001 -v $PWD/REPO:/models
+    nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
+    """
+    from vaeinfer.triton import write_model_repository
+
+    written = write_model_repository(model, out, max_batch_size=max_batch_size, instances=instances, kind=kind,
+                                     precision=precision, name=name, preferred_batch_sizes=list(preferred) or None,
+                                     max_queue_delay_us=max_queue_delay_us, overwrite=overwrite)
+    for role, folder in written.items():
+        click.echo(f"{role}: {folder}", err=True)
+    click.echo(f"wrote Triton model repository {out}: tritonserver --model-repository={Path(out).resolve()}", err=True)
+
+
 if __name__ == "__main__":
     main()
