@@ -43,8 +43,8 @@ def export_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, image_shape, 
     encoder, decoder = encoder.cpu().eval(), decoder.cpu().eval()
     try:
         latent_dim = latent_dim_of(encoder, image)
-    except Exception as e:
-        raise ExportError(f"the encoder cannot run on zeros of shape (2, {', '.join(map(str, image))}): {e}") from e
+    except Exception as e:  # a user's module may raise anything
+        raise ExportError(f"the encoder cannot run on zeros of shape (2, {', '.join(map(str, image))}): {e}") from None
     return export_bundle(
         out_dir, name=name or Path(out_dir).name, kind="vae", image=image, latent={"dim": latent_dim},
         likelihood=_likelihood(likelihood, scale), modules={"encoder": encoder, "decoder": decoder},

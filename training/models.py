@@ -198,8 +198,11 @@ def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Mo
 def latent_dim_of(encoder: nn.Module, image_shape) -> int:
     """The latent size a user's encoder produces, found by running it once on zeros."""
     with torch.no_grad():
-        mean, _ = encoder(torch.zeros((2, *image_shape)))
-    return int(mean.shape[1])
+        out = encoder(torch.zeros((2, *image_shape)))
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) and t.ndim == 2 for t in out)):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{len(out)} outputs"
+        raise ValueError(f"the encoder must return (mean, logvar), each of shape (N, latent); got {got}")
+    return int(out[0].shape[1])
 
 
 def kl_weight(step: int, warmup_steps: int, beta: float) -> float:

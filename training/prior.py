@@ -163,7 +163,7 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
     config = config or PriorConfig()
     saved = checkpoint.load(run_dir, name=NAME) if resume and checkpoint.exists(run_dir, NAME) else None
     if saved is not None:
-        overrides = {"device": config.device} | ({"max_steps": config.max_steps} if config.max_steps is not None else {})
+        overrides = {"device": config.device, "max_steps": config.max_steps}  # as in training.train
         config = PriorConfig.from_json(saved[1]["config"] | overrides)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -225,8 +225,8 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
                 checkpoint_now()
                 if at_limit:
                     break
-        if progress["done"]:
-            break
+        if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
+            break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row
         progress["seconds"] += time.perf_counter() - started
         row = {"epoch": epoch + 1, "step": progress["global_step"], "lr": optimizer.param_groups[0]["lr"],
                **{k: v / len(codes) for k, v in progress["sums"].items()},

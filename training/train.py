@@ -147,13 +147,14 @@ def save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, p
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress_bar: bool = True) -> Path:
     """Train `config` into `run_dir` (checkpoint, metrics.jsonl, loss_curve.png, samples.png).
 
-    With `resume`, continue from the checkpoint in `run_dir` (its saved config wins).
+    With `resume`, continue from the checkpoint in `run_dir`: its saved config wins, except for
+    `device` and `max_steps` (a step budget says how far to go, not what to train; None runs to
+    the last epoch).
     Returns the checkpoint JSON path.
     """
     run_dir = Path(run_dir)
     if resume and checkpoint.exists(run_dir):
-        # a step budget says how far to go, not what to train: a given max_steps replaces the saved one
-        overrides = {"device": config.device} | ({"max_steps": config.max_steps} if config.max_steps is not None else {})
+        overrides = {"device": config.device, "max_steps": config.max_steps}
         config = TrainConfig.from_json(checkpoint.load(run_dir)[1]["config"] | overrides)
     ctx = distributed.setup(config.device)  # several processes under torchrun; see training.distributed
     if ctx.enabled:

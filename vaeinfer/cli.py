@@ -25,6 +25,8 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # bad flags or arguments: one line too, with the usual status 2
+            _fail(f"{e.format_message()} (see: {e.ctx.command_path if e.ctx else 'vaeinfer'} --help)", status=2)
         except (VaeinferError, ValueError, OSError) as e:
             _fail(e)
         except MemoryError:
@@ -35,12 +37,12 @@ class Group(click.Group):
             raise
 
 
-def _fail(error) -> None:
+def _fail(error, status: int = 1) -> None:
     """One line on stderr (messages can hold newlines, e.g. from onnxruntime, or text that the
-    terminal's encoding cannot show), then exit status 1."""
+    terminal's encoding cannot show), then exit with `status`."""
     line = " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
     click.echo(f"error: {line}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
