@@ -136,3 +136,22 @@ def trained(request, zoo) -> Trained:
 def bundle_copy(mlp, tmp_path) -> Path:
     """A private copy of the MLP bundle, for tests that tamper with files."""
     return Path(shutil.copytree(mlp.bundle, tmp_path / "bundle"))
+
+
+# With CI=true, a test skipped because something is not installed is a failure: .ci/run installs
+# every extra, so such a skip means the set-up is broken, not that the test does not apply.
+_MISSING_DEPENDENCY = ("no module named", "not installed", "could not import", "importorskip")
+_ci_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("CI") == "true" and report.skipped:
+        reason = str(report.longrepr).lower()
+        if any(word in reason for word in _MISSING_DEPENDENCY):
+            _ci_skips.append(f"{report.nodeid}: {report.longrepr}")
+
+
+def pytest_sessionfinish(session):
+    if _ci_skips:
+        print("\nCI=true: tests skipped for a missing dependency:\n  " + "\n  ".join(_ci_skips))
+        session.exitstatus = 1
