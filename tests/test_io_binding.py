@@ -166,3 +166,20 @@ def test_cuda_graph_buckets_on_gpu(conv):
     (out,) = gpu.run_graph("decoder", {"z": z}, keep_on_device=True)
     assert out.device_name().lower() == "cuda"
     np.testing.assert_allclose(out.numpy(), cpu.decode_params(z), rtol=0, atol=1e-4)
+
+
+def test_fast_run_is_the_binding_and_equal(model):
+    from vaeinfer.runtime import _fast_run
+
+    g = model._graphs["decoder"]
+    assert g._session_run == g.session._sess.run  # the C++ binding, not the Python wrapper
+    z = _z(model, 5)
+    np.testing.assert_array_equal(g._session_run(["params"], {"z": z}, None)[0],
+                                  g.session.run(["params"], {"z": z})[0])
+
+    class Other:  # anything else that runs like a session keeps its own run
+        def run(self, names, feeds, options=None):
+            return []
+
+    other = Other()
+    assert _fast_run(other) == other.run

@@ -50,9 +50,9 @@ def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], wha
     if a.dtype not in FLOAT_DTYPES:
         raise InputError(f"{what}: expected dtype uint8, float16, float32 or float64, got {a.dtype}")
     a = np.ascontiguousarray(a, np.float32)
-    _finite(a, what)
-    amin, amax = float(a.min()), float(a.max())
-    if amin < lo or amax > hi:
+    amin, amax = float(np.minimum.reduce(a, axis=None)), float(np.maximum.reduce(a, axis=None))
+    if not (lo <= amin and amax <= hi):  # NaN fails this too (min/max propagate it): tell which
+        _finite(a, what)
         raise InputError(f"{what}: expected values in [{lo}, {hi}], got [{amin:g}, {amax:g}]")
     return a
 
