@@ -183,3 +183,16 @@ def test_fast_run_is_the_binding_and_equal(model):
 
     other = Other()
     assert _fast_run(other) == other.run
+
+
+def test_run_bound_on_a_cuda_graph_session_skips_capture(model):
+    """An IO-bound call outside the buckets must not replay a captured graph (its buffers are
+    not the bucket's): it runs with annotation -1. On CPU the option is inert; check it is set."""
+    g = _graph(model, buckets=(2,), io_binding=True)
+    g.cuda_graph = True  # as on a CUDA session created with enable_cuda_graph
+    opts = g._uncaptured_options()
+    assert opts.get_run_config_entry("gpu_graph_id") == "-1"
+    z = _z(model, 3)
+    np.testing.assert_array_equal(g.run_bound({"z": z})[0], model.decode_params(z))
+    _, (_, _, _, _, bucket_opts) = g._bucket(2)
+    assert bucket_opts.get_run_config_entry("gpu_graph_id") == "1"

@@ -140,10 +140,21 @@ class Graph:
         for name in self._output_names:
             binding.bind_output(name, device_type, device_id)
         binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
+        if self.cuda_graph:  # not a bucket's fixed buffers: run uncaptured (annotation -1), never replay
+            options = self._uncaptured_options()
+            self.session.run_with_iobinding(binding, options)
+        else:
+            self.session.run_with_iobinding(binding)
         if keep_on_device:
             return binding.get_outputs()
         return binding.copy_outputs_to_cpu()
+
+    def _uncaptured_options(self):
+        from vaeinfer.session import _ort
+
+        options = _ort().RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        return options
 
     def _bucket(self, rows: int) -> tuple:
         """(lock, binding, input OrtValues, output OrtValues, run options) of the smallest bucket
