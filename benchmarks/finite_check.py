@@ -97,7 +97,8 @@ def main() -> None:
     worst = max(r["check_cost"] for r in rows.values())
     result = {"model": model.info.name, "threads": args.threads, "repeats": args.repeats, "graphs": rows,
               "worst_check_cost": worst, "limit": LIMIT, "passed": worst < LIMIT, "note": args.note,
-              "command": "python benchmarks/finite_check.py " + " ".join(sys.argv[1:]),
+              "command": " ".join(["python benchmarks/finite_check.py", *(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                                  vars(args).items() if k in ("model", "batch", "repeats", "threads") and v is not None)]),
               "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     print(json.dumps(result, indent=2))
