@@ -41,8 +41,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         plain `run` has less per-call overhead); `model.run_graph(role, feeds, keep_on_device=True)`
         always does, and leaves the outputs on the device.
     isolate: for a bundle you do not trust, first open it in a child process (every session
-        created, one tiny batch run); if onnxruntime crashes or hangs there, BundleError here
-        instead of a dead app. Costs one process start and one extra session creation.
+        created, one tiny batch run); if onnxruntime crashes there, or runs past
+        `vaeinfer._probe.TIMEOUT` (120 s), BundleError here instead of a dead or hung app. Costs
+        one process start and one extra session creation per graph.
     Returns a `vaeinfer.vae.VAE` or `vaeinfer.vq.VQVAE`; both are safe to share between threads.
     """
     bundle = open_bundle(model)
