@@ -150,3 +150,23 @@ def test_cli_export_with_precision(conv, tmp_path):
     assert set(_manifest(out)["variants"]) == {"int8"}
     m = vaeinfer.load(out, device="cpu", precision="int8")
     assert np.isfinite(m.sample(3, seed=0)).all()
+
+
+def test_vq_variants_keep_the_codebook_distances_fp32(tmp_path):
+    from tests.test_vq import _vq_run
+
+    run, bundle, images = _vq_run(tmp_path, (1, 16, 12), labels=True, prior=True)
+    variants.add_variants_from_run(bundle, run, ["int8", "fp16"], **FAST)
+    m = _manifest(bundle)
+    for precision in ("int8", "fp16"):
+        entry = m["variants"][precision]
+        assert set(entry["graphs"]) == {"encoder", "decoder", "prior"}
+        err = entry["error"]
+        assert 0 <= err["encoder"]["codes_mismatch"] <= 1 and np.isfinite(err["prior_nll"]["diff"])
+        vq = vaeinfer.load(bundle, device="cpu", threads=1, precision=precision)
+        codes = vq.sample_codes(2, seed=0, label=1)
+        assert codes.shape == (2, *vq.grid) and np.isfinite(vq.decode(codes)).all()
+    encoder = onnx.load(str(bundle / "encoder.int8.onnx"))
+    argmin = next(n for n in encoder.graph.node if n.op_type == "ArgMin")
+    producer = {o: n for n in encoder.graph.node for o in n.output}
+    assert producer[argmin.input[0]].op_type not in ("DequantizeLinear", "QuantizeLinear")
