@@ -224,7 +224,9 @@ def run_error(what: str, e: BaseException) -> Exception:
     """A typed error for onnxruntime failing to run a graph on input that passed validation:
     out of memory is the backend's (BackendError), anything else the graph's (BundleError)."""
     text = " ".join(str(e).split())[:500]
-    if isinstance(e, MemoryError) or "alloc" in text.lower():
+    lowered = text.lower()
+    # not just "alloc": onnxruntime's messages name std::allocator in template signatures
+    if isinstance(e, MemoryError) or any(k in lowered for k in ("bad_alloc", "failed to allocate", "out of memory")):
         return BackendError(f"{what}: out of memory while running the graph: {text or type(e).__name__}")
     return BundleError(f"{what}: onnxruntime failed to run the graph on a valid input: {type(e).__name__}: {text}")
 
