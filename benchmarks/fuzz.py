@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -118,11 +119,8 @@ def _deep(depth: int) -> str:
 
 def dump_json(obj, indent) -> bytes:
     text = json.dumps(obj, indent=indent)
-    while "\\u0001DEEP" in text:
-        start = text.index("\"\\u0001DEEP")
-        end = text.index("\\u0001\"", start + 1) + len("\\u0001\"")
-        depth = int(text[start + len("\"\\u0001DEEP"):end - len("\\u0001\"")])
-        text = text[:start] + "[" * depth + "]" * depth + text[end:]
+    # a placeholder that is a whole JSON string becomes the nesting; one inside another string stays text
+    text = re.sub(r'"\\u0001DEEP(\d+)\\u0001"', lambda m: "[" * int(m[1]) + "]" * int(m[1]), text)
     return text.encode()
 
 
@@ -401,7 +399,11 @@ def worker() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     import vaeinfer
+    from vaeinfer.session import _ort
 
+    _ort()  # imported before the first attempt, whose clock starts at the "ready" line
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
     selftest = os.environ.get("VAEINFER_FUZZ_SELFTEST", "")  # "crash:I,hang:J": prove the harness sees both
     plan = dict(item.split(":")[::-1] for item in selftest.split(",") if ":" in item)
     for line in sys.stdin:
@@ -436,6 +438,13 @@ class _Worker:
         self.job = None
         self.started = 0.0
         self.buffer = b""
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until the worker has imported vaeinfer and onnxruntime (not part of any attempt's time)."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line or not json.loads(line).get("ready"):
+            raise RuntimeError(f"a fuzz worker did not start: {self.kill()}")
 
     def submit(self, job: dict) -> None:
         if self.dir.exists():
@@ -500,8 +509,8 @@ def run_campaign(seed_paths, attempts: int | None = None, minutes: float | None 
         by_verify["verify" if job["verify"] else "no-verify"][outcome] += 1
         if outcome == "BundleError":
             stages[stage(result.get("message", ""))] += 1
-        if outcome not in ("ok",) and outcome not in examples:
-            examples[outcome] = result.get("message", "")[:300]
+        if outcome != "ok" and outcome not in examples:
+            examples[outcome] = f"attempt {job['index']} ({job['family']}): {result.get('message', '')[:400]}"
         if outcome in ("crash", "hang", "unexpected"):
             info = {k: job[k] for k in ("index", "seed", "family", "verify", "role", "resigned")} | \
                    {k: v for k, v in result.items() if k != "outcome"} | {"outcome": outcome}
@@ -518,6 +527,9 @@ def run_campaign(seed_paths, attempts: int | None = None, minutes: float | None 
         while True:
             for i, w in enumerate(pool):
                 if w.job is None and more():
+                    if not getattr(w, "started_ok", False):
+                        w.wait_ready()
+                        w.started_ok = True
                     w.submit(make_attempt(seeds, seed, submitted))
                     submitted += 1
             busy = [w for w in pool if w.job is not None]
@@ -595,6 +607,8 @@ def write_report(result: dict, command: str) -> None:
     lines.append("|---|" + "---:|" * len(keys))
     for fam, counts in result["by_family"].items():
         lines.append(f"| {fam} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
+    lines += ["", "Where the BundleErrors were raised:", "", "| stage | count |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in result["bundle_errors_by_stage"].items()]
     lines += ["", "By hash verification: " + "; ".join(f"{k}: {dict(v)}" for k, v in result["by_verify"].items()), "",
               "An example message of each error type:", ""]
     lines += [f"- {k}: {v}" for k, v in result["examples"].items()]

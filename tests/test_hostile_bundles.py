@@ -368,3 +368,15 @@ def test_cli_bad_input_one_line(mlp, tmp_path):
                            str(bad), "-o", str(tmp_path / "z.npz")], capture_output=True, timeout=60)
     err = done.stderr.decode()
     assert done.returncode == 1 and err.count("\n") == 1 and err.startswith("error: images: expected finite"), err
+
+
+def test_run_error_types():
+    """Out of memory is the backend's; any other onnxruntime failure the graph's (found by fuzzing:
+    onnxruntime's messages name std::allocator, which is no allocation failure)."""
+    from vaeinfer.runtime import run_error
+
+    assert isinstance(run_error("g", MemoryError()), vaeinfer.BackendError)
+    assert isinstance(run_error("g", RuntimeError("std::bad_alloc")), vaeinfer.BackendError)
+    assert isinstance(run_error("g", RuntimeError("Failed to allocate memory for requested buffer")), vaeinfer.BackendError)
+    pads = "PadBase::ComputePadsImpl(...) [with PadsVector = InlinedVector<long, 10, std::allocator<long> >] pads_data.size()"
+    assert isinstance(run_error("g", RuntimeError(pads)), BundleError)
