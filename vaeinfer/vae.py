@@ -69,25 +69,30 @@ class VAE(Model):
         z = (ma[:, None] * (1 - t) + mb[:, None] * t).reshape(-1, self.latent_dim)
         return self.decode(z, batch_size).reshape(len(ma), steps, *self.manifest.image)
 
-    def score(self, x, samples: int = 100, seed: int = 0, batch_size: int | None = None) -> Score:
+    def score(self, x, samples: int = 100, seed: int = 0, batch_size: int | None = None,
+              index_offset: int = 0) -> Score:
         """Per-image scores in nats from the exported graphs (see `Score`): nll is the IWAE
         estimate of -log p(x) with K=`samples` importance samples from q(z|x).
 
-        Image i's noise comes from numpy's Generator([seed, i]), so results do not depend on
-        batch_size. Memory stays bounded: at most `batch_size` (default 512) decoder rows at once.
+        Image i's noise comes from numpy's Generator([seed, index_offset + i]), so results do not
+        depend on batch_size, and scoring a dataset in pieces (x[a:b] with index_offset=a, as
+        `vaeinfer.ray` does) gives the scores of one call over all of it. Memory stays bounded: at
+        most `batch_size` (default 512) decoder rows at once.
         """
         x = self._x(x)
         k = inputs.count(samples, "samples")
         seed = inputs.seed(seed) or 0
+        if not isinstance(index_offset, (int, np.integer)) or isinstance(index_offset, bool) or index_offset < 0:
+            raise inputs.InputError(f"index_offset: expected a non-negative integer, got {index_offset!r}")
+        offset = int(index_offset)
         rows = inputs.batch_size(batch_size) or DEFAULT_BATCH
         per_chunk = max(1, rows // k)
         nll, elbo, recon = (np.empty(len(x)) for _ in range(3))
         for start in range(0, len(x), per_chunk):
             xs = x[start:start + per_chunk]
             post = self.encode(xs, rows)
-            eps = np.stack([np.random.default_rng([seed, start + i]).standard_normal((k, self.latent_dim),
-                                                                                     dtype=np.float32)
-                            for i in range(len(xs))])  # (B, K, Z)
+            eps = np.stack([np.random.default_rng([seed, offset + start + i]).standard_normal(
+                (k, self.latent_dim), dtype=np.float32) for i in range(len(xs))])  # (B, K, Z)
             z = post.mean[:, None] + post.std[:, None] * eps
             params = self.decode_params(z.reshape(-1, self.latent_dim), rows)
             lpx = lik.log_prob(np.repeat(xs, k, axis=0), params, self.manifest.likelihood).reshape(len(xs), k)
