@@ -14,6 +14,7 @@ so the optimizer state and the progress in each checkpoint are all that an exact
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -159,6 +160,9 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
     With `resume`, continue from the prior checkpoint in `run_dir` (its saved config wins, but
     for `device` and a given `max_steps`).
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would write the same files; the prior is small enough for one process
+        raise ValueError("train-prior runs in one process; start it without torchrun")
     run_dir = Path(run_dir)
     config = config or PriorConfig()
     saved = checkpoint.load(run_dir, name=NAME) if resume and checkpoint.exists(run_dir, NAME) else None
