@@ -14,8 +14,8 @@ so the optimizer state and the progress in each checkpoint are all that an exact
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
