@@ -13,7 +13,7 @@ vaeinfer does not import `onnx`, so this module reads the few fields that matter
     OperatorSetIdProto domain 1
 
 and refuses: any operator outside `ALLOWED_OPS` (every node, subgraphs included), any opset
-domain outside `ALLOWED_DOMAINS`, model-local functions, training info, and any tensor whose
+domain but the standard one, model-local functions, training info, and any tensor whose
 data lives in an external file. Every other field is skipped by its length.
 
 Bounded by construction: no recursion beyond `MAX_DEPTH` nested graphs, no allocation beyond
@@ -58,13 +58,10 @@ STANDARD_OPS = frozenset({
     "Cast", "CastLike", "ConvInteger", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
     "QLinearConv", "QLinearMatMul", "QuantizeLinear",
 })
-# com.microsoft: only the quantized kernels onnxruntime's own quantization tools emit
-MICROSOFT_OPS = frozenset({
-    "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearAdd",
-    "QLinearAveragePool", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearLeakyRelu",
-    "QLinearMul", "QLinearSigmoid", "QuantizeLinear",
-})
-ALLOWED_OPS = {"": STANDARD_OPS, "ai.onnx": STANDARD_OPS, "com.microsoft": MICROSOFT_OPS}
+# No com.microsoft (contrib) operators: export/variants.py makes its fp16 and int8 graphs from
+# standard operators only (Cast; QDQ QuantizeLinear/DequantizeLinear). onnxruntime fuses them
+# into its contrib kernels itself, after this check.
+ALLOWED_OPS = {"": STANDARD_OPS, "ai.onnx": STANDARD_OPS}
 ALLOWED_DOMAINS = frozenset(ALLOWED_OPS)
 
 MAX_DEPTH = 8  # graphs nested in node attributes
