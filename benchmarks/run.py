@@ -561,7 +561,7 @@ def main(argv=None) -> dict:
                                             args.device, args.cuda_graph))
         log(f"  vaeinfer bench {name}")
         report.setdefault("vaeinfer_bench", []).append(
-            vbench.bench(name, batches, device=args.device, threads=threads, min_time=min_time / 2,
+            vbench.bench(name, batches, device=args.device, threads=threads, min_time=min_time / 2, min_iters=3,
                          cuda_graph=batches if args.cuda_graph else False))
     report["overhead"] = overhead_rows(report["models"])
     report["targets"] = targets(report["models"])

@@ -47,12 +47,12 @@ class Timing:
 def timings(fn, *, min_time: float = 1.0, min_iters: int = 10, max_iters: int = 10_000,
             warmup: int = 3) -> np.ndarray:
     """Seconds per call of `fn()` over enough calls to fill `min_time` (at least `min_iters`),
-    after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
+    after up to `warmup` untimed calls (fewer for slow calls: at most about a second of them)."""
     t0 = time.perf_counter()
     fn()
     guess = max(time.perf_counter() - t0, 1e-7)
+    for _ in range(min(warmup, int(1.0 / guess))):
+        fn()
     n = int(min(max_iters, max(min_iters, min_time / guess)))
     out = np.empty(n)
     clock = time.perf_counter
