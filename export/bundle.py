@@ -10,6 +10,7 @@ import torch
 
 import vaeinfer
 from export.graphs import IR_VERSION, OPSET, set_metadata, trace
+from export.optimize import narrow_convs
 from export.validate import FP32_TOLERANCE, PARITY_BATCHES, Comparator, check_structure, max_abs_error, parity
 from export.writer import sha256, write_bundle
 from vaeinfer.manifest import FORMAT, FORMAT_VERSION
@@ -29,9 +30,10 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
     comparators = comparators or {}
     facts = {"format_version": FORMAT_VERSION, "name": name, "kind": kind, "image": list(image),
              "latent": latent, "likelihood": likelihood}
-    files, entries, figures = {}, {}, {}
+    files, entries, figures, rewrites = {}, {}, {}, {}
     for role, spec in specs.items():
         model = trace(modules[role], spec, limits, opset)
+        rewrites[role] = narrow_convs(model)  # before validation: parity checks the rewritten graph
         set_metadata(model, {**facts, "role": role})
         check_structure(model, role)
         figures[role] = parity(model, modules[role], spec, comparators.get(role, max_abs_error(tolerance)), limits)
@@ -56,6 +58,7 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
             "vaeinfer_version": vaeinfer.__version__,
             "parity": {"batches": list(PARITY_BATCHES), "tolerance": tolerance, "provider": "CPUExecutionProvider",
                        "graphs": figures, **checks},
+            "rewrites": {"narrow_convs": rewrites},
         },
         "training": training,
     }
