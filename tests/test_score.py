@@ -104,3 +104,15 @@ def test_score_refuses_bad_arguments(tiny_conv):
     for kwargs in ({"samples": 0}, {"samples": 2.5}, {"seed": -1}, {"batch_size": 0}):
         with pytest.raises(vaeinfer.InputError):
             runtime.score(x, **kwargs)
+
+
+def test_an_overflowing_posterior_is_the_models_fault_not_the_callers(tmp_path):
+    class HugeLogvar(nn.Module):
+        def forward(self, x):
+            mean = x.flatten(1)[:, :2] * 0
+            return mean, mean + 1000.0  # std = exp(500): finite logvar, infinite samples
+
+    out = export_vae(HugeLogvar(), LinearDecoder(torch.eye(4, 2), torch.zeros(4)), (1, 2, 2), tmp_path / "b",
+                     likelihood="gaussian", scale=SIGMA)
+    with pytest.raises(vaeinfer.OutputError, match="posterior"):
+        vaeinfer.load(out, device="cpu").score(np.zeros((1, 1, 2, 2), np.float32), samples=2)

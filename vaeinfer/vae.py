@@ -9,7 +9,7 @@ import numpy as np
 from vaeinfer import inputs
 from vaeinfer import likelihood as lik
 from vaeinfer.results import Posterior, Score
-from vaeinfer.runtime import DEFAULT_BATCH, Model
+from vaeinfer.runtime import DEFAULT_BATCH, Model, check_finite
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -93,7 +93,9 @@ class VAE(Model):
             post = self.encode(xs, rows)
             eps = np.stack([np.random.default_rng([seed, offset + start + i]).standard_normal(
                 (k, self.latent_dim), dtype=np.float32) for i in range(len(xs))])  # (B, K, Z)
-            z = post.mean[:, None] + post.std[:, None] * eps
+            with np.errstate(over="ignore", invalid="ignore"):
+                z = post.mean[:, None] + post.std[:, None] * eps
+            check_finite(z, f"{self.manifest.name}/encoder posterior samples (mean + std * eps)")
             params = self.decode_params(z.reshape(-1, self.latent_dim), rows)
             lpx = lik.log_prob(np.repeat(xs, k, axis=0), params, self.manifest.likelihood).reshape(len(xs), k)
             z64, eps64 = z.astype(np.float64), eps.astype(np.float64)
