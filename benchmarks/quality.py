@@ -71,11 +71,12 @@ def torch_check(name: str, x: np.ndarray, samples: int, onnx_nll: np.ndarray) ->
             "mean_torch_nll": float(torch_nll.mean()), "mean_onnx_nll": float(onnx_nll.mean())}
 
 
-def evaluate_vae(model, test_bin: np.ndarray, quick: bool) -> dict:
+def evaluate_vae(model, test_bin: np.ndarray, quick: bool, k_subset: int, k_full: int) -> dict:
     rng = np.random.default_rng(SUBSET_SEED)
     subset = np.sort(rng.permutation(len(test_bin))[: (100 if quick else 1000)])
-    plan = [("subset", test_bin[subset], 50 if quick else 5000),
-            ("full", test_bin[: 500] if quick else test_bin, 20 if quick else 500)]
+    plan = [("subset", test_bin[subset], 50 if quick else k_subset)]
+    if k_full:
+        plan.append(("full", test_bin[: 500] if quick else test_bin, 20 if quick else k_full))
     out = {}
     for label, x, k in plan:
         start = time.perf_counter()
@@ -129,7 +130,7 @@ def markdown(results: dict) -> str:
     for ref, nll in REFERENCES:
         lines.append(f"| {ref} | {nll:.2f} | paper |")
     for name, r in results["vae"].items():
-        for key in ("subset", "full"):
+        for key in [k for k in ("subset", "full") if k in r]:
             e = r[key]
             lines.append(f"| **{name}** (vaeinfer, ONNX) | **{e['nll']:.2f}** ± {e['nll_sem']:.2f} | K={e['samples']}, "
                          f"{e['images']} test images; -ELBO {e['neg_elbo']:.2f} |")
@@ -153,8 +154,12 @@ def main():
     parser.add_argument("--models", default=",".join(vaeinfer.available_models()),
                         help="bundled model names or bundle paths, comma-separated")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--temperatures", default="1.0,0.8")
     parser.add_argument("--out", default=str(RESULTS / "quality"))
+    parser.add_argument("--k-subset", type=int, default=5000, help="importance samples on the 1,000-image subset")
+    parser.add_argument("--k-full", type=int, default=500, help="importance samples on all 10,000 (0: skip)")
+    parser.add_argument("--stem", default="quality", help="results file name: benchmarks/results/<stem>.json/.md")
     args = parser.parse_args()
 
     test, test_bin, labels = load_test(Path(args.data))
@@ -164,17 +169,17 @@ def main():
                "protocol": __doc__.split("Protocol")[1].split("Writes")[0].strip(), "references": REFERENCES,
                "vae": {}, "vq": {}, "images": []}
     for name in [m for m in args.models.split(",") if m]:
-        model = vaeinfer.load(name, device="cpu")
+        model = vaeinfer.load(name, device="cpu", threads=args.threads)
         print(f"{name} ({model.info.kind})", flush=True)
         if model.info.kind == "vae":
-            results["vae"][model.info.name] = evaluate_vae(model, test_bin, args.quick)
+            results["vae"][model.info.name] = evaluate_vae(model, test_bin, args.quick, args.k_subset, args.k_full)
         else:
             results["vq"][model.info.name] = evaluate_vq(model, test, labels, args.quick)
         if model.info.kind == "vae" or model.info.has_prior:
             results["images"] += sample_grids(model, Path(args.out), [float(t) for t in args.temperatures.split(",")])
-    suffix = "-quick" if args.quick else ""
-    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"quality{suffix}.md").write_text(markdown(results))
+    stem = args.stem + ("-quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
 
 
