@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from export.graphs import ExportError
 from vaeinfer import manifest as manifest_mod
+from vaeinfer._fs import fsync_dir
 from vaeinfer.bundle import MANIFEST
 
 
@@ -43,7 +43,7 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_dir(tmp)
         if out.exists() and _exchange(tmp, out):
             pass  # one atomic step: `out` is the new bundle, `tmp` the old one (removed below)
         else:
@@ -55,7 +55,7 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
             os.rename(tmp, out)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        _fsync(out.parent)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -76,12 +76,3 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every system lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -117,15 +117,20 @@ class ConvDecoder(nn.Module):
         layers = [ResBlock(widths[0], activation) for _ in range(blocks)]
         if blocks:
             layers.append(_act(activation))
-        for i, c in enumerate(widths):
-            nxt = widths[i + 1] if i + 1 < len(widths) else widths[-1]
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, nxt, 3, padding=1), _act(activation)]
-        layers.append(nn.Conv2d(widths[-1], c_out, 3, padding=1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *upsampling(widths, c_out, activation))
 
     def forward(self, z):
         x = self.net(self.fc(z).unflatten(1, self.grid))
         return x[:, :, : self.height, : self.width]
+
+
+def upsampling(widths, c_out: int, activation: str) -> list[nn.Module]:
+    """(nearest 2x upsample + 3x3 conv + activation) per width, then a 3x3 conv to c_out channels."""
+    layers = []
+    for i, c in enumerate(widths):
+        nxt = widths[i + 1] if i + 1 < len(widths) else widths[-1]
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, nxt, 3, padding=1), _act(activation)]
+    return layers + [nn.Conv2d(widths[-1], c_out, 3, padding=1)]
 
 
 class VAE(nn.Module):

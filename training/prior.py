@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,14 @@ from training.data import DataError, load_data, split
 from training.likelihood import Likelihood
 from training.models import build_model
 from training.pixelcnn import GatedPixelCNN
-from training.train import TrainConfig, epoch_order, learning_rate
+from training.train import JsonConfig, TrainConfig, epoch_order, learning_rate
 from vaeinfer._fs import atomic_write_text
 
 NAME = "prior"  # the checkpoint's name in the run folder
 
 
 @dataclass
-class PriorConfig:
+class PriorConfig(JsonConfig):
     """Everything a prior run needs; saved in prior.json, so it can be resumed or reproduced."""
 
     epochs: int = 20
@@ -56,15 +56,7 @@ class PriorConfig:
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
 
     def __post_init__(self):
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-
-    @classmethod
-    def from_json(cls, data: dict) -> "PriorConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        self.check_schedule()
 
 
 def load_vqvae(run_dir: str | Path, device: str = "cpu"):

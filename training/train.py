@@ -26,8 +26,24 @@ from training.models import build_model, kl_weight
 from vaeinfer._fs import atomic_write_text
 
 
+class JsonConfig:
+    """A dataclass config that reads itself from JSON (unknown keys from newer versions ignored)
+    and checks the schedule fields every config here has."""
+
+    @classmethod
+    def from_json(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check_schedule(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a run needs; saved in its checkpoint, so a run can be resumed or reproduced."""
 
     data: str = DEFAULT_DATA
@@ -55,15 +71,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.binarize not in ("none", "dynamic"):
             raise ValueError(f"binarize must be 'none' or 'dynamic', got {self.binarize!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        self.check_schedule()
 
     def likelihood_obj(self) -> Likelihood:
         return Likelihood(self.likelihood, self.gaussian_scale if self.likelihood == "gaussian" else None)

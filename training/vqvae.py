@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from training.likelihood import Likelihood
-from training.models import ARCHITECTURES, ResBlock, _act, _down_size
+from training.models import ARCHITECTURES, ResBlock, _act, _down_size, upsampling
 from training.quantizer import Quantized, VectorQuantizer
 
 
@@ -56,11 +56,7 @@ class VQDecoderNet(nn.Module):
         layers = [nn.Conv2d(code_dim, widths[0], 3, padding=1)]
         layers += [ResBlock(widths[0], activation) for _ in range(blocks)]
         layers.append(_act(activation))
-        for i, c in enumerate(widths):
-            nxt = widths[i + 1] if i + 1 < len(widths) else widths[-1]
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, nxt, 3, padding=1), _act(activation)]
-        layers.append(nn.Conv2d(widths[-1], c_out, 3, padding=1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *upsampling(widths, c_out, activation))
 
     def forward(self, z_q):
         return self.net(z_q)[:, :, : self.height, : self.width]
