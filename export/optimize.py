@@ -54,6 +54,11 @@ def narrow_convs(model: onnx.ModelProto, max_out_channels: int = 2) -> int:
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(out)
+    if count:  # the replaced convolutions' weights and biases are used by nothing now
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        kept = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     return count
 
 
