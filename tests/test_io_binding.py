@@ -196,3 +196,72 @@ def test_run_bound_on_a_cuda_graph_session_skips_capture(model):
     np.testing.assert_array_equal(g.run_bound({"z": z})[0], model.decode_params(z))
     _, (_, _, _, _, bucket_opts) = g._bucket(2)
     assert bucket_opts.get_run_config_entry("gpu_graph_id") == "1"
+
+
+# --- large batches on CPU: one multi-threaded call, or parallel chunks on single-threaded sessions
+
+
+@pytest.fixture(scope="module")
+def two_threads(conv):
+    return vaeinfer.load(conv.bundle, device="cpu", threads=2)
+
+
+def test_parallel_chunks_are_bit_identical(two_threads):
+    from vaeinfer.runtime import PARALLEL_CHUNK, PARALLEL_MIN_CHUNKS
+
+    g = two_threads._graphs["decoder"]
+    n = PARALLEL_CHUNK * PARALLEL_MIN_CHUNKS * 2 + 5
+    z = _z(two_threads, n, seed=7)
+    results = {}
+    for mode in ("intra", "chunks"):
+        g.mode = mode
+        done = []
+        results[mode] = two_threads.decode_params(z, progress=done.append)
+        assert done == sorted(done) and done[-1] == n
+    g.mode = None
+    np.testing.assert_array_equal(results["intra"], results["chunks"])
+    single = vaeinfer.load(two_threads.info.path, device="cpu", threads=1)
+    np.testing.assert_array_equal(results["chunks"], single.decode_params(z))
+
+
+def test_mode_is_chosen_by_timing(conv):
+    from vaeinfer.runtime import _TRIALS, PARALLEL_CHUNK, PARALLEL_MIN_CHUNKS
+
+    m = vaeinfer.load(conv.bundle, device="cpu", threads=2)
+    g = m._graphs["decoder"]
+    z = _z(m, PARALLEL_CHUNK * PARALLEL_MIN_CHUNKS * 2, seed=1)
+    assert g.mode is None
+    m.decode_params(z[:8])  # small batches are not trials
+    assert g._trials == {"intra": [], "chunks": []}
+    for _ in range(2 * _TRIALS):
+        m.decode_params(z)
+    assert g.mode in ("intra", "chunks")
+    assert [len(t) for t in g._trials.values()] == [_TRIALS, _TRIALS]
+
+
+def test_single_thread_has_no_parallel_mode(model):
+    assert model._graphs["decoder"].mode == "intra" and model._graphs["decoder"]._serial_factory is None
+
+
+def test_parallel_chunks_from_many_threads(two_threads):
+    g = two_threads._graphs["decoder"]
+    g.mode = "chunks"
+    inputs = [_z(two_threads, 70 + i, seed=i) for i in range(6)]
+    expected = [vaeinfer.load(two_threads.info.path, device="cpu", threads=1).decode_params(z) for z in inputs[:1]]
+    results, errors = [None] * len(inputs), []
+
+    def work(i):
+        try:
+            results[i] = two_threads.decode_params(inputs[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    g.mode = None
+    assert not errors
+    np.testing.assert_array_equal(results[0], expected[0])
+    assert [len(r) for r in results] == [70 + i for i in range(6)]

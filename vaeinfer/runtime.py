@@ -6,7 +6,10 @@ thread-safe, so one model serves concurrent calls from many threads.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,6 +22,14 @@ from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_dev
 from vaeinfer.spec import ORT_TYPES, GraphSpec
 
 DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_size
+# CPU, several threads, a large batch: calls of PARALLEL_CHUNK rows on single-threaded sessions,
+# one per worker thread, can beat one multi-threaded call on the whole batch (small calls stay in
+# cache; no per-operator synchronisation; the operators onnxruntime runs on one thread, such as
+# the int8 graphs' layout transposes, no longer serialise). Which is faster is measured per graph
+# on its first large calls (both give bit-identical results).
+PARALLEL_CHUNK = 16
+PARALLEL_MIN_CHUNKS = 2  # per worker: batches smaller than this run as one multi-threaded call
+_TRIALS = 4  # large calls timed per mode before choosing (the first two of each warm up)
 
 
 class Graph:
@@ -34,7 +45,7 @@ class Graph:
     """
 
     def __init__(self, session, spec: GraphSpec, what: str, device: Device | None = None,
-                 buckets: tuple[int, ...] = (), io_binding: bool = False):
+                 buckets: tuple[int, ...] = (), io_binding: bool = False, workers: int = 1, serial=None):
         self.session, self.spec, self.what = session, spec, what
         self._check_signature()
         self._output_names = [t.name for t in spec.outputs]
@@ -50,6 +61,12 @@ class Graph:
         self._bucket_state: dict[int, tuple] = {}
         self._bucket_locks = {b: threading.Lock() for b in self.buckets}
         self._state_lock = threading.Lock()
+        # parallel chunks (CPU): `serial()` makes a single-threaded session of the same graph
+        self.workers = max(1, int(workers))
+        self._serial_factory = serial if self.workers > 1 and not self.buckets and not self.io_binding else None
+        self._serial_run = None
+        self.mode: str | None = None if self._serial_factory else "intra"  # "intra" | "chunks", chosen by timing
+        self._trials: dict[str, list[float]] = {"intra": [], "chunks": []}
 
     def _check_signature(self) -> None:
         """The graph's own inputs/outputs must be exactly the ones the manifest promises."""
@@ -73,22 +90,69 @@ class Graph:
         step = batch_size or DEFAULT_BATCH
         if self.buckets:
             step = min(step, self.buckets[-1])
-        if n <= step and progress is None:
+        if self._serial_factory is not None and n >= PARALLEL_CHUNK * PARALLEL_MIN_CHUNKS * self.workers:
+            outs = self._run_large(feeds, n, step, progress)
+        elif n <= step and progress is None:
             outs = self._chunk(feeds)
         else:
-            parts = []
-            for i in range(0, n, step):
-                parts.append(self._chunk({k: v[i:i + step] for k, v in feeds.items()}))
-                if progress is not None:
-                    progress(min(n, i + step))
-            outs = [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+            outs = self._sequential(feeds, n, step, progress)
         for i in self._float_outputs:
             check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
         return outs
 
-    def _chunk(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _sequential(self, feeds: dict[str, np.ndarray], n: int, step: int, progress=None) -> list[np.ndarray]:
+        parts = []
+        for i in range(0, n, step):
+            parts.append(self._chunk({k: v[i:i + step] for k, v in feeds.items()}))
+            if progress is not None:
+                progress(min(n, i + step))
+        return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+
+    def _run_large(self, feeds: dict[str, np.ndarray], n: int, step: int, progress) -> list[np.ndarray]:
+        """A large batch on CPU: the mode chosen for this graph, or a timed trial of one of them."""
+        mode = self.mode
+        if mode is None:
+            with self._state_lock:
+                # one mode after the other, not alternating: the multi-threaded session's idle
+                # workers keep spinning for a moment after its run and would slow the next call
+                mode = self.mode or ("intra" if len(self._trials["intra"]) < _TRIALS else "chunks")
+        t0 = time.perf_counter()
+        if mode == "chunks":
+            outs = self._parallel_chunks(feeds, n, min(step, PARALLEL_CHUNK), progress)
+        else:
+            outs = self._sequential(feeds, n, step, progress)
+        if self.mode is None:
+            self._record(mode, (time.perf_counter() - t0) / n)
+        return outs
+
+    def _record(self, mode: str, seconds_per_row: float) -> None:
+        with self._state_lock:
+            if self.mode is not None:
+                return
+            self._trials[mode].append(seconds_per_row)
+            if all(len(t) >= _TRIALS for t in self._trials.values()):
+                self.mode = min(self._trials, key=lambda m: min(self._trials[m][2:]))
+
+    def _parallel_chunks(self, feeds: dict[str, np.ndarray], n: int, size: int, progress) -> list[np.ndarray]:
+        if self._serial_run is None:
+            with self._state_lock:
+                if self._serial_run is None:
+                    self._serial_run = _fast_run(self._serial_factory())
+        run, starts = self._serial_run, range(0, n, size)
+        futures = [_pool(self.workers).submit(self._chunk, {k: v[i:i + size] for k, v in feeds.items()}, run)
+                   for i in starts]
+        parts = []
+        for i, future in zip(starts, futures):
+            parts.append(future.result())
+            if progress is not None:
+                progress(min(n, i + size))
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    def _chunk(self, feeds: dict[str, np.ndarray], run=None) -> list[np.ndarray]:
         try:
-            if self.buckets:
+            if run is not None:
+                outs = run(self._output_names, feeds, None)
+            elif self.buckets:
                 outs = self._run_bucket(feeds)
             elif self.io_binding:
                 outs = self._run_bound(feeds, keep_on_device=False)
@@ -205,6 +269,28 @@ class Graph:
             return [v.numpy()[:rows].copy() if copy else v.numpy()[:rows] for v in outs]
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One shared pool per worker count: concurrent large calls queue on the same threads
+    instead of oversubscribing the cores."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="vaeinfer")
+        return pool
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 _ORT_ERRORS: tuple = ()
 
 
@@ -302,7 +388,12 @@ class Model:
             # the prior runs one position at a time with growing context: no fixed-shape buckets
             role_buckets = buckets if role != "prior" else ()
             session = create_session(data, device, threads, what, cuda_graph=bool(role_buckets))
-            graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound)
+            workers = (threads or usable_cpus()) if device.kind == "cpu" else 1
+
+            def serial(data=data, what=what):
+                return create_session(data, device, 1, what)
+
+            graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound, workers, serial)
         return graphs
 
     def run_graph(self, role: str, feeds: dict, keep_on_device: bool = False) -> list:
