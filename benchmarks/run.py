@@ -345,6 +345,26 @@ def bench_variants(m, name: str, threads: int, min_time: float, log, batches=(1,
     return out
 
 
+def cli_bench(name: str, batches, device: str, threads: int, min_time: float, cuda_graph: bool) -> dict:
+    """`vaeinfer bench` in a process of its own, so that its memory figures are the runtime's
+    alone (this process also holds PyTorch)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "vaeinfer.cli", "bench", "-m", name, "--device", device, "--threads", str(threads),
+               "--batch", ",".join(map(str, batches)), "--min-time", str(min_time), "--min-iters", "3", "-o", str(out)]
+        if cuda_graph:
+            cmd.append("--cuda-graph")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+        report = json.loads(out.read_text())
+    report["command"] = "vaeinfer " + " ".join(cmd[3:-2])
+    return report
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def overhead_rows(models: list[dict]) -> list[dict]:
@@ -465,7 +485,8 @@ def markdown(report: dict) -> str:
                   f"{r['overhead_us']:+.1f} | {r['overhead_pct']:+.1f}% | {r['limit_us']:.1f} |" for r in ov]
         lines.append("")
     for b in report.get("vaeinfer_bench", []):
-        lines += [f"## `vaeinfer bench -m {b['model']}` (public API: latency, first call, memory)", "", "```",
+        lines += [f"## `{b['command']}`", "",
+                  "Public API, every check on; peak MB: the process's peak resident memory (runtime alone).", "", "```",
                   vbench.format_table(b), "```", ""]
     cs = report.get("coldstart")
     if cs:
@@ -561,8 +582,7 @@ def main(argv=None) -> dict:
                                             args.device, args.cuda_graph))
         log(f"  vaeinfer bench {name}")
         report.setdefault("vaeinfer_bench", []).append(
-            vbench.bench(name, batches, device=args.device, threads=threads, min_time=min_time / 2, min_iters=3,
-                         cuda_graph=batches if args.cuda_graph else False))
+            cli_bench(name, batches, args.device, threads, min_time / 2, args.cuda_graph))
     report["overhead"] = overhead_rows(report["models"])
     report["targets"] = targets(report["models"])
     if not args.no_coldstart and not args.quick and stem == "cpu":
