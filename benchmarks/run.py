@@ -135,6 +135,26 @@ def matmul_peak(threads: int, torch_mod=None, n: int = PEAK_N, device: str = "cp
     return out
 
 
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds all processes used, CPU seconds this process and its children used)."""
+    import resource
+
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))
+    return time.perf_counter(), busy, own
+
+
+def others_since(before) -> dict:
+    """How much CPU other processes took since `before` (a cpu_seconds() reading): the benchmark
+    is only as good as the machine was quiet."""
+    wall, busy, own = (b - a for a, b in zip(before, cpu_seconds()))
+    other = max(0.0, busy - own)
+    return {"wall_s": wall, "cpu_s": other, "cpu_fraction": other / (wall * (os.cpu_count() or 1))}
+
+
 # --- PyTorch side -------------------------------------------------------------------------------
 
 def checkpoint_dir(name: str) -> Path | None:
@@ -301,6 +321,8 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
             rows.append(row)
         out["graphs"][role] = {"flops_per_image": flops, "rows": rows,
                                "compile_s": runners_torch[role].compile_s if role in runners_torch else None}
+    # how vaeinfer ran large CPU batches (see vaeinfer.runtime: one multi-threaded call, or chunks)
+    out["execution_modes"] = {role: g.mode for role, g in m._graphs.items()}
     out["variants"] = bench_variants(m, name, threads, min_time, log, device=m.info.device)
     return out
 
@@ -446,8 +468,12 @@ def markdown(report: dict) -> str:
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]]
     for mm in report["models"]:
+        others = mm.get("other_processes") or {}
         lines += ["", f"## {mm['name']} ({mm['kind']})", "",
-                  f"PyTorch weights: {mm['checkpoint'] or 'no checkpoint found (PyTorch columns omitted)'}", ""]
+                  f"PyTorch weights: {mm['checkpoint'] or 'no checkpoint found (PyTorch columns omitted)'}  ",
+                  f"vaeinfer's execution mode for large batches: {mm.get('execution_modes')}  ",
+                  f"Other processes used {others.get('cpu_fraction', float('nan')):.1%} of the machine's CPU time "
+                  f"while this model was measured ({others.get('wall_s', 0):.0f} s)", ""]
         for role, g in mm["graphs"].items():
             flops = g["flops_per_image"]
             lines += [f"### {role}" + (f" ({flops / 1e6:.1f} MFLOP per image)" if flops else ""), ""]
@@ -578,8 +604,10 @@ def main(argv=None) -> dict:
               "peak": peak, "models": []}
     for name in names:
         log(f"model {name}")
+        before = cpu_seconds()
         report["models"].append(bench_model(name, batches, threads, min_time, not args.no_torch, peak, log,
                                             args.device, args.cuda_graph))
+        report["models"][-1]["other_processes"] = others_since(before)
         log(f"  vaeinfer bench {name}")
         report.setdefault("vaeinfer_bench", []).append(
             cli_bench(name, batches, args.device, threads, min_time / 2, args.cuda_graph))
