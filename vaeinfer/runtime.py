@@ -30,6 +30,7 @@ DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_
 PARALLEL_CHUNK = 16
 PARALLEL_MIN_CHUNKS = 2  # per worker: batches smaller than this run as one multi-threaded call
 _TRIALS = 4  # large calls timed per mode before choosing (the first two of each warm up)
+_MARGIN = 0.93  # chunks must take at most this fraction of the single call's time to be chosen
 
 
 class Graph:
@@ -131,7 +132,9 @@ class Graph:
                 return
             self._trials[mode].append(seconds_per_row)
             if all(len(t) >= _TRIALS for t in self._trials.values()):
-                self.mode = min(self._trials, key=lambda m: min(self._trials[m][2:]))
+                # parallel chunks only when clearly faster: on a near tie, one call is simpler
+                intra, chunks = (min(self._trials[m][2:]) for m in ("intra", "chunks"))
+                self.mode = "chunks" if chunks < _MARGIN * intra else "intra"
 
     def _parallel_chunks(self, feeds: dict[str, np.ndarray], n: int, size: int, progress) -> list[np.ndarray]:
         if self._serial_run is None:
