@@ -31,7 +31,7 @@ from training.data import DataError, load_data, split
 from training.likelihood import Likelihood
 from training.models import build_model
 from training.pixelcnn import GatedPixelCNN
-from training.train import JsonConfig, TrainConfig, epoch_order, learning_rate
+from training.train import JsonConfig, TrainConfig, checkpoint_due, epoch_order, learning_rate, record_step
 from vaeinfer._fs import atomic_write_text
 
 NAME = "prior"  # the checkpoint's name in the run folder
@@ -208,18 +208,16 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
             loss.backward()
             optimizer.step()
             bits = float(loss.detach()) / math.log(2)
-            progress["sums"]["bits_per_code"] = progress["sums"].get("bits_per_code", 0.0) + bits * len(index)
-            progress["step_in_epoch"] = step + 1
-            progress["global_step"] += 1
+            record_step(progress, step, {"bits_per_code": bits}, len(index))
             bar.update(1)
             bar.set_postfix(epoch=epoch, bits=f"{bits:.3f}")
-            at_limit = config.max_steps is not None and progress["global_step"] >= config.max_steps
-            if at_limit or (config.checkpoint_every and progress["global_step"] % config.checkpoint_every == 0):
+            save, stop = checkpoint_due(progress, config)
+            if save:
                 progress["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                progress["done"] = at_limit
+                progress["done"] = stop
                 checkpoint_now()
-                if at_limit:
+                if stop:
                     break
         if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
             break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row

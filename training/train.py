@@ -87,6 +87,21 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def record_step(progress: dict, step: int, metrics: dict[str, float], rows: int) -> None:
+    """Add one optimizer step's metrics (weighted by its rows) to the epoch sums and advance."""
+    for k, v in metrics.items():
+        progress["sums"][k] = progress["sums"].get(k, 0.0) + v * rows
+    progress["step_in_epoch"] = step + 1
+    progress["global_step"] += 1
+
+
+def checkpoint_due(progress: dict, config) -> tuple[bool, bool]:
+    """(save a checkpoint now, stop now): every `checkpoint_every` steps, and at the step budget."""
+    at_limit = config.max_steps is not None and progress["global_step"] >= config.max_steps
+    every = bool(config.checkpoint_every) and progress["global_step"] % config.checkpoint_every == 0
+    return at_limit or every, at_limit
+
+
 def prepare_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator):
     """(encoder input, decoder target); dynamic binarization draws both from the intensities."""
     if config.binarize == "dynamic":
@@ -205,20 +220,16 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
-            for k, v in losses.items():
-                progress["sums"][k] = progress["sums"].get(k, 0.0) + float(v.detach()) * len(index)
-            progress["step_in_epoch"] = step + 1
-            progress["global_step"] += 1
+            record_step(progress, step, {k: float(v.detach()) for k, v in losses.items()}, len(index))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(losses['loss'].detach()):.2f}")
-            at_limit = config.max_steps is not None and progress["global_step"] >= config.max_steps
-            if at_limit or (config.checkpoint_every and progress["global_step"] % config.checkpoint_every == 0):
+            save, stop = checkpoint_due(progress, config)
+            if save:
                 progress["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                if at_limit:
-                    progress["done"] = True
+                progress["done"] = stop
                 checkpoint_now()
-                if at_limit:
+                if stop:
                     break
         if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
             break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row
