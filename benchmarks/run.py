@@ -47,6 +47,7 @@ import onnxruntime as ort  # noqa: E402
 import vaeinfer  # noqa: E402
 from vaeinfer import bench as vbench  # noqa: E402
 from vaeinfer import likelihood as lik  # noqa: E402
+from vaeinfer.runtime import _TRIALS  # noqa: E402
 from vaeinfer.session import parse_device, providers_for, session_options  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
@@ -311,6 +312,11 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
                 fns["torch eager"] = r.eager(x)
                 fns["torch.compile"] = r.compile(x)
             log(f"  {name} {role} batch {b}: {', '.join(fns)}")
+            # vaeinfer times its first large calls to choose how to run them; let the other
+            # runtimes' idle threads stop spinning first, so that they do not skew that choice
+            time.sleep(0.2)
+            for _ in range(2 * _TRIALS + 2):
+                fns["vaeinfer"]()
             seconds = interleaved(fns, min_time)
             row = {"batch": b, **{k: stats(v, b) for k, v in seconds.items()}}
             if flops:
