@@ -50,21 +50,14 @@ def main() -> None:
 
     import vaeinfer
     from vaeinfer.errors import OutputError
+    from vaeinfer.bench import graph_inputs
     from vaeinfer.runtime import check_finite
 
     model = vaeinfer.load(args.model, device="cpu", threads=args.threads)
-    rng = np.random.default_rng(0)
     rows = {}
-    for role, graph in model._graphs.items():
-        feeds = {}
-        for t in graph.spec.inputs:
-            shape = (args.batch, *t.shape[1:])
-            if t.dtype == "int64":
-                feeds[t.name] = rng.integers(0, model.info.latent.get("codebook_size", 2), shape)
-            elif t.name == "x":
-                feeds[t.name] = rng.random(shape, dtype=np.float32)
-            else:
-                feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
+    for role in model.manifest.specs():
+        graph = model.graph(role)
+        feeds = {t.name: a for t, a in zip(graph.spec.inputs, graph_inputs(model, role, args.batch))}
         names = [t.name for t in graph.spec.outputs]
         floats = [i for i, t in enumerate(graph.spec.outputs) if t.dtype == "float32"]
         for _ in range(5):

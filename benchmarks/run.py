@@ -47,7 +47,7 @@ import onnxruntime as ort  # noqa: E402
 import vaeinfer  # noqa: E402
 from vaeinfer import bench as vbench  # noqa: E402
 from vaeinfer import likelihood as lik  # noqa: E402
-from vaeinfer.runtime import _TRIALS  # noqa: E402
+from vaeinfer.runtime import MODE_TRIAL_CALLS  # noqa: E402
 from vaeinfer.session import parse_device, providers_for, session_options  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
@@ -233,13 +233,7 @@ class TorchRunner:
 # --- one model ----------------------------------------------------------------------------------
 
 def inputs_for(m, role: str, batch: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    info = m.info
-    if role == "encoder":
-        return rng.random((batch, *info.image_shape), dtype=np.float32)
-    if info.kind == "vqvae":
-        return rng.integers(0, info.latent["codebook_size"], (batch, *info.latent["grid"]), dtype=np.int64)
-    return rng.standard_normal((batch, info.latent["dim"]), dtype=np.float32)
+    return vbench.graph_inputs(m, role, batch, seed)[0]
 
 
 def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bool, peak: dict, log,
@@ -315,7 +309,7 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
             # vaeinfer times its first large calls to choose how to run them; let the other
             # runtimes' idle threads stop spinning first, so that they do not skew that choice
             time.sleep(0.2)
-            for _ in range(2 * _TRIALS + 2):
+            for _ in range(MODE_TRIAL_CALLS + 2):
                 fns["vaeinfer"]()
             seconds = interleaved(fns, min_time)
             row = {"batch": b, **{k: stats(v, b) for k, v in seconds.items()}}
@@ -328,7 +322,9 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
         out["graphs"][role] = {"flops_per_image": flops, "rows": rows,
                                "compile_s": runners_torch[role].compile_s if role in runners_torch else None}
     # how vaeinfer ran large CPU batches (see vaeinfer.runtime: one multi-threaded call, or chunks)
-    out["execution_modes"] = {role: g.mode for role, g in m._graphs.items()}
+    out["execution_modes"] = m.execution_modes()
+    out["execution_trials_us_per_row"] = {role: {k: [v * 1e6 for v in t] for k, t in trials.items()}
+                                          for role, trials in m.execution_trials().items()}
     out["variants"] = bench_variants(m, name, threads, min_time, log, device=m.info.device)
     return out
 

@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from vaeinfer.spec import BATCH, GraphSpec, TensorSpec
+from vaeinfer.spec import BATCH, GraphSpec, TensorSpec, example_inputs  # noqa: F401  (export.validate, export.vq use it from here)
 
 OPSET = 18
 # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13 (and the oldest
@@ -22,22 +22,6 @@ TRACE_BATCH = 2  # the dynamo exporter specialises a batch of 1; trace with 2
 
 class ExportError(RuntimeError):
     """An export that could not be made, or that failed its validation."""
-
-
-def example_inputs(spec: GraphSpec, batch: int, seed: int, limits: dict | None = None) -> list[np.ndarray]:
-    """Seeded inputs for a graph: images uniform in [0, 1], latents N(0, 1), ints in [0, limit)."""
-    rng = np.random.default_rng(seed)
-    limits = limits or {}
-    out = []
-    for t in spec.inputs:
-        shape = (batch, *t.shape[1:])
-        if t.dtype == "int64":
-            out.append(rng.integers(0, limits[t.name], size=shape, dtype=np.int64))
-        elif t.name == "x":
-            out.append(rng.random(shape, dtype=np.float32))
-        else:
-            out.append(rng.standard_normal(shape, dtype=np.float32))
-    return out
 
 
 def _quiet_exporter() -> None:

@@ -229,15 +229,15 @@ def speedups(bundle_dir: Path, precision: str, feeds: dict, batch: int = SPEED_B
     """fp32 time / variant time per graph at `batch` rows, as the runtime runs them on CPU (its
     execution mode chosen first, see vaeinfer.runtime), in interleaved blocks of calls."""
     import vaeinfer
-    from vaeinfer.runtime import _TRIALS
+    from vaeinfer.runtime import MODE_TRIAL_CALLS
 
     models = {p: vaeinfer.load(bundle_dir, device="cpu", threads=threads, precision=p) for p in ("fp32", precision)}
     out = {}
     for role in models[precision].manifest.variants[precision]:
         f = {k: _tile(v, batch) for k, v in feeds[role].items()}
-        graphs = {p: m._graphs[role] for p, m in models.items()}
+        graphs = {p: m.graph(role) for p, m in models.items()}
         for g in graphs.values():
-            for _ in range(2 * _TRIALS + 1):  # warm up, and let the runtime choose its mode
+            for _ in range(MODE_TRIAL_CALLS + 1):  # warm up, and let the runtime choose its mode
                 g.run(f)
         times = {p: [] for p in graphs}
         for _ in range(3):  # interleave, so that a slow moment of the machine hits both

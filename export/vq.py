@@ -121,3 +121,8 @@ def export_vqvae(model, run_dir: Path, out_dir, *, name: str | None = None, trai
         comparators={"encoder": codes_comparator(model, tolerance)}, tolerance=tolerance,
         extra_checks={"round_trip": round_trip(model, tolerance)},
     )
+
+
+def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
+    """kind "vqvae" (see vaeinfer.kinds): a trained run's model, and the prior beside it."""
+    return export_vqvae(model, run_dir, out_dir, name=name, training=training, vq_weights_sha256=meta["weights"]["sha256"])

@@ -44,7 +44,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         created, one tiny batch run); if onnxruntime crashes there, or runs past
         `vaeinfer._probe.TIMEOUT` (120 s), BundleError here instead of a dead or hung app. Costs
         one process start and one extra session creation per graph.
-    Returns a `vaeinfer.vae.VAE` or `vaeinfer.vq.VQVAE`; both are safe to share between threads.
+    Returns the runtime class of the bundle's kind (`vaeinfer.kinds`): `vaeinfer.vae.VAE`,
+    `vaeinfer.vq.VQVAE`, ...; all are safe to share between threads.
     """
     bundle = open_bundle(model)
     if isolate:
@@ -54,10 +55,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         parse_device(device)  # a bad device string is the caller's error, not the bundle's
         bundle = bundle.pin(precision, verify)  # the probe and this process run the same bytes
         _probe.probe(bundle, precision, device)
-    if bundle.manifest.kind == "vqvae":
-        from vaeinfer.vq import VQVAE
+    from vaeinfer import kinds
 
-        return VQVAE(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)
-    from vaeinfer.vae import VAE
-
-    return VAE(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)
+    cls = kinds.get(bundle.manifest.kind).runtime_class()
+    return cls(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)

@@ -75,16 +75,11 @@ def probe(bundle, precision: str, device: str) -> None:
 
 
 def _tiny_feeds(spec, manifest) -> dict[str, np.ndarray]:
-    feeds = {}
-    for t in spec.inputs:
-        shape = (1, *t.shape[1:])
-        if t.dtype == "int64":
-            feeds[t.name] = np.zeros(shape, np.int64)
-        elif t.name == "x":
-            feeds[t.name] = np.full(shape, manifest.value_range[0], np.float32)
-        else:
-            feeds[t.name] = np.zeros(shape, np.float32)
-    return feeds
+    from vaeinfer import kinds
+    from vaeinfer.spec import example_inputs
+
+    arrays = example_inputs(spec, 1, 0, kinds.get(manifest.kind).int_limits(manifest), value_range=manifest.value_range)
+    return {t.name: a for t, a in zip(spec.inputs, arrays)}
 
 
 def _child() -> None:

@@ -178,17 +178,19 @@ def gpu_name() -> str | None:
 
 # --- the benchmark --------------------------------------------------------------------------
 
+def graph_inputs(model, role: str, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded inputs of `batch` rows for one graph of a loaded model (see `vaeinfer.spec.example_inputs`)."""
+    from vaeinfer import kinds
+    from vaeinfer.spec import example_inputs as for_spec
+
+    m = model.manifest
+    return for_spec(m.specs()[role], batch, seed, kinds.get(m.kind).int_limits(m), value_range=m.value_range)
+
+
 def example_inputs(model, op: str, batch: int, seed: int = 0):
     """A seeded input of `batch` rows for an op of a loaded model (None for sample)."""
-    rng = np.random.default_rng(seed)
-    info = model.info
-    if op == "encode":
-        lo, hi = info.value_range
-        return (lo + (hi - lo) * rng.random((batch, *info.image_shape), dtype=np.float32)).astype(np.float32)
-    if op == "decode":
-        if info.kind == "vqvae":
-            return rng.integers(0, info.latent["codebook_size"], (batch, *info.latent["grid"]), dtype=np.int64)
-        return rng.standard_normal((batch, info.latent["dim"]), dtype=np.float32)
+    if op in ("encode", "decode"):
+        return graph_inputs(model, "encoder" if op == "encode" else "decoder", batch, seed)[0]
     if op == "sample":
         return None
     raise ValueError(f"op must be one of {OPS}, got {op!r}")

@@ -10,17 +10,17 @@ MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
 from vaeinfer.errors import BundleError
-from vaeinfer.spec import GraphSpec, vae_graphs, vq_graphs
+from vaeinfer import kinds
+from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as _positive
+from vaeinfer.spec import GraphSpec
 
 FORMAT = "vaeinfer-bundle"
 FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
-KINDS = ("vae", "vqvae")
 LIKELIHOODS = ("bernoulli", "gaussian")
 PRECISIONS = ("fp32", "fp16", "int8")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -40,7 +40,7 @@ class Manifest:
     format_version: str
     image: tuple[int, int, int]  # (C, H, W)
     value_range: tuple[float, float]
-    latent: dict  # VAE: {"dim"}; VQ: {"grid", "codebook_size", "code_dim"}
+    latent: dict  # parsed by the kind (vaeinfer.kinds): VAE {"dim"}; VQ {"grid", "codebook_size", "code_dim"}
     likelihood: dict  # {"kind", "scale"?}
     graphs: dict[str, GraphFile]
     variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
@@ -48,10 +48,7 @@ class Manifest:
     raw: dict = field(repr=False, compare=False)
 
     def specs(self) -> dict[str, GraphSpec]:
-        if self.kind == "vae":
-            return vae_graphs(self.image, self.latent["dim"])
-        return vq_graphs(self.image, tuple(self.latent["grid"]), self.latent["code_dim"],
-                         self.latent["codebook_size"], None if self.prior is None else self.prior["num_classes"])
+        return kinds.get(self.kind).graphs(self)
 
     def files(self, precision: str = "fp32") -> dict[str, GraphFile]:
         """The graph files for a precision: the variant's own graphs over the fp32 ones."""
@@ -61,33 +58,6 @@ class Manifest:
             have = ", ".join(["fp32", *sorted(self.variants)])
             raise BundleError(f"bundle {self.name!r} has no {precision} variant; it has: {have}")
         return {**self.graphs, **self.variants[precision]}
-
-
-def _get(data: dict, key: str, kind, where: str):
-    if not isinstance(data, dict) or key not in data:
-        raise BundleError(f"manifest: expected key {where}.{key}, it is missing")
-    value = data[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise BundleError(f"manifest: expected {where}.{key} to be {names}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _finite(value) -> bool:
-    """A JSON number that is a finite float (huge ints, NaN and Infinity are not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _positive(data: dict, key: str, where: str, limit: int = 1 << 16) -> int:
-    value = _get(data, key, int, where)
-    if not 0 < value <= limit:
-        raise BundleError(f"manifest: expected {where}.{key} in [1, {limit}], got {value}")
-    return value
 
 
 def _graph_file(data: dict, where: str) -> GraphFile:
@@ -119,8 +89,7 @@ def parse(data: dict) -> Manifest:
         raise BundleError(f"manifest: format_version {version} has major {major}; this vaeinfer reads "
                           f"major {SUPPORTED_MAJOR} only (upgrade vaeinfer, or re-export the model)")
     kind = _get(data, "kind", str, "")
-    if kind not in KINDS:
-        raise BundleError(f"manifest: expected kind in {KINDS}, got {kind!r:.40}")
+    entry = kinds.get(kind)
     image = _get(data, "image", dict, "")
     shape = tuple(_positive(image, k, "image", 4096) for k in ("channels", "height", "width"))
     if shape[0] not in (1, 3):
@@ -130,14 +99,7 @@ def parse(data: dict) -> Manifest:
             or not lo_hi[0] < lo_hi[1]:
         raise BundleError(f"manifest: expected image.range [low, high] with low < high, got {lo_hi!r:.60}")
     latent_in = _get(data, "latent", dict, "")
-    if kind == "vae":
-        latent = {"dim": _positive(latent_in, "dim", "latent")}
-    else:
-        grid = _get(latent_in, "grid", list, "latent")
-        if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and 0 < g <= 4096 for g in grid):
-            raise BundleError(f"manifest: expected latent.grid [h, w] of positive ints, got {grid!r:.60}")
-        latent = {"grid": list(grid), "codebook_size": _positive(latent_in, "codebook_size", "latent"),
-                  "code_dim": _positive(latent_in, "code_dim", "latent")}
+    latent = entry.parse_latent(latent_in)
     lik = _get(data, "likelihood", dict, "")
     lik_kind = _get(lik, "kind", str, "likelihood")
     if lik_kind not in LIKELIHOODS:
@@ -151,8 +113,8 @@ def parse(data: dict) -> Manifest:
 
     prior = data.get("prior")
     if prior is not None:
-        if kind != "vqvae":
-            raise BundleError("manifest: only a vqvae bundle can have a prior")
+        if not entry.prior_slot:
+            raise BundleError(f"manifest: a {kind} bundle cannot have a prior")
         n = _get(prior, "num_classes", int, "prior")
         if not 0 <= n <= 1 << 16:
             raise BundleError(f"manifest: expected prior.num_classes in [0, 65536], got {n}")

@@ -19,7 +19,7 @@ from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, 
 from vaeinfer.manifest import PRECISIONS
 from vaeinfer.results import ModelInfo
 from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_device, parse_device
-from vaeinfer.spec import ORT_TYPES, GraphSpec
+from vaeinfer.spec import ORT_TYPES, GraphSpec, is_fixed
 
 DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_size
 # CPU, several threads, a large batch: calls of PARALLEL_CHUNK rows on single-threaded sessions,
@@ -30,6 +30,7 @@ DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_
 PARALLEL_CHUNK = 16
 PARALLEL_MIN_CHUNKS = 2  # per worker: batches smaller than this run as one multi-threaded call
 _TRIALS = 4  # large calls timed per mode before choosing (the first two of each warm up)
+MODE_TRIAL_CALLS = 2 * _TRIALS  # large calls after which every graph has chosen its execution mode
 _MARGIN = 0.93  # chunks must take at most this fraction of the single call's time to be chosen
 
 
@@ -78,7 +79,9 @@ class Graph:
             if got != want:
                 raise BundleError(f"{self.what}: the graph's {side} are {got}, the manifest promises {want}")
             for a, t in zip(actual, expected):
-                if list(a.shape[1:]) != list(t.shape[1:]) or isinstance(a.shape[0], int):
+                # a symbolic spec axis ("height") must be dynamic in the graph too; a fixed one equal
+                fits = all(d == s if is_fixed(s) else not isinstance(d, int) for d, s in zip(a.shape[1:], t.shape[1:]))
+                if not fits or isinstance(a.shape[0], int):
                     raise BundleError(f"{self.what}: {side[:-1]} {a.name} has shape {a.shape}, "
                                       f"the manifest promises {list(t.shape)} with a dynamic batch axis")
 
@@ -126,6 +129,11 @@ class Graph:
             self._record(mode, (time.perf_counter() - t0) / n)
         return outs
 
+    def trial_timings(self) -> dict[str, tuple[float, ...]]:
+        """Seconds per row of each timed trial call, per execution mode ("intra", "chunks")."""
+        with self._state_lock:
+            return {mode: tuple(t) for mode, t in self._trials.items()}
+
     def _record(self, mode: str, seconds_per_row: float) -> None:
         with self._state_lock:
             if self.mode is not None:
@@ -171,7 +179,8 @@ class Graph:
     def _check_shapes(self, outs: list[np.ndarray], rows: int) -> None:
         """A graph may declare one output shape and produce another: refuse what the spec does not promise."""
         for out, trailing, t in zip(outs, self._trailing, self.spec.outputs):
-            if out.shape[0] != rows or out.shape[1:] != trailing:
+            if out.shape[0] != rows or any(d != s for d, s in zip(out.shape[1:], trailing) if is_fixed(s)) \
+                    or len(out.shape) != len(trailing) + 1:
                 raise BundleError(f"{self.what}: output {t.name} came out with shape {out.shape} for {rows} rows; "
                                   f"the manifest promises {(rows, *t.shape[1:])}")
 
@@ -399,14 +408,27 @@ class Model:
             graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound, workers, serial)
         return graphs
 
+    def graph(self, role: str) -> Graph:
+        """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""
+        if role not in self._graphs:
+            raise ValueError(f"{self.info.name} has graphs {sorted(self._graphs)}, not {role!r}")
+        return self._graphs[role]
+
+    def execution_modes(self) -> dict[str, str | None]:
+        """How each graph runs large CPU batches: "intra" (one multi-threaded call), "chunks"
+        (parallel single-threaded chunks), or None while still timing both (see `MODE_TRIAL_CALLS`)."""
+        return {role: g.mode for role, g in self._graphs.items()}
+
+    def execution_trials(self) -> dict[str, dict[str, tuple[float, ...]]]:
+        """Per graph, the seconds per row of the trial calls that chose its execution mode."""
+        return {role: g.trial_timings() for role, g in self._graphs.items()}
+
     def run_graph(self, role: str, feeds: dict, keep_on_device: bool = False) -> list:
         """Run one of the bundle's graphs ("encoder", "decoder", "prior") on raw feeds through IO
         binding; with keep_on_device=True the outputs stay on the model's device as onnxruntime
         OrtValues (see `Graph.run_bound`). Feeds are the graph's inputs by name (the manifest's
         `graphs.<role>.inputs`), float32/int64 arrays or OrtValues; they are not validated here."""
-        if role not in self._graphs:
-            raise ValueError(f"{self.info.name} has graphs {sorted(self._graphs)}, not {role!r}")
-        return self._graphs[role].run_bound(feeds, keep_on_device)
+        return self.graph(role).run_bound(feeds, keep_on_device)
 
     def _images_from_params(self, params: np.ndarray) -> np.ndarray:
         return lik.mean(params, self.manifest.likelihood, self.manifest.value_range)

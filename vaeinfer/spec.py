@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 BATCH = "batch"
 DTYPES = ("float32", "int64")
 # onnxruntime's type strings for the dtypes above
@@ -18,7 +20,7 @@ ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 class TensorSpec:
     name: str
     dtype: str  # one of DTYPES
-    shape: tuple  # ints, with BATCH as the first (dynamic) axis
+    shape: tuple  # BATCH first, then ints or symbolic axis names (e.g. "height"), dynamic like BATCH
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -61,3 +63,31 @@ def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int,
         inputs = (codes, TensorSpec("label", "int64", (BATCH,))) if num_classes > 0 else (codes,)
         graphs["prior"] = GraphSpec("prior", inputs, (TensorSpec("logits", "float32", (BATCH, codebook_size, *grid)),))
     return graphs
+
+
+def is_fixed(axis) -> bool:
+    """A spec axis with a size of its own (not BATCH or another symbolic name)."""
+    return isinstance(axis, int) and not isinstance(axis, bool)
+
+
+def example_inputs(spec: GraphSpec, batch: int, seed: int = 0, limits: dict | None = None,
+                   sizes: dict | None = None, value_range: tuple[float, float] = (0.0, 1.0)) -> list[np.ndarray]:
+    """Seeded inputs for a graph, one per spec input: images uniform in `value_range`, float
+    latents N(0, 1), int64 inputs uniform in [0, limits[name]). `sizes` gives each symbolic axis
+    (other than BATCH) its concrete size. The one builder export, the probe and the benchmarks use."""
+    rng = np.random.default_rng(seed)
+    limits, sizes = limits or {}, sizes or {}
+    out = []
+    for t in spec.inputs:
+        missing = [a for a in t.shape[1:] if not is_fixed(a) and a not in sizes]
+        if missing:
+            raise ValueError(f"{spec.role} input {t.name}: give a size for the symbolic axes {missing}")
+        shape = (batch, *(a if is_fixed(a) else sizes[a] for a in t.shape[1:]))
+        if t.dtype == "int64":
+            out.append(rng.integers(0, limits[t.name], size=shape, dtype=np.int64))
+        elif t.name == "x":
+            lo, hi = value_range
+            out.append((lo + (hi - lo) * rng.random(shape, dtype=np.float32)).astype(np.float32))
+        else:
+            out.append(rng.standard_normal(shape, dtype=np.float32))
+    return out

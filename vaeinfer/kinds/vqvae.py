@@ -1,0 +1,36 @@
+"""kind "vqvae": a grid of codebook indices; encoder x -> (codes, z_q), decoder codes -> params,
+and an optional (class-conditional) PixelCNN prior codes [+ label] -> logits."""
+
+from __future__ import annotations
+
+from vaeinfer.errors import BundleError
+from vaeinfer.kinds import Kind, register
+from vaeinfer.manifest_fields import get, positive
+from vaeinfer.spec import vq_graphs
+
+
+def parse_latent(latent: dict) -> dict:
+    grid = get(latent, "grid", list, "latent")
+    if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and 0 < g <= 4096 for g in grid):
+        raise BundleError(f"manifest: expected latent.grid [h, w] of positive ints, got {grid!r:.60}")
+    return {"grid": list(grid), "codebook_size": positive(latent, "codebook_size", "latent"),
+            "code_dim": positive(latent, "code_dim", "latent")}
+
+
+def _graphs(m) -> dict:
+    return vq_graphs(m.image, tuple(m.latent["grid"]), m.latent["code_dim"], m.latent["codebook_size"],
+                     None if m.prior is None else m.prior["num_classes"])
+
+
+def _limits(m) -> dict:
+    limits = {"codes": m.latent["codebook_size"]}
+    if m.prior is not None and m.prior["num_classes"] > 0:
+        limits["label"] = m.prior["num_classes"]
+    return limits
+
+
+KIND = register(Kind(
+    name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="export.vq",
+    parse_latent=parse_latent, graphs=_graphs, int_limits=_limits,
+    latent_keys=("codes", "arr_0"), prior_slot=True,
+))
