@@ -6,6 +6,9 @@ the two in agreement) and returns a frozen `Manifest`.
 
 Versioning: `format_version` is "MAJOR.MINOR". A reader refuses an unknown MAJOR and reads any
 MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
+  1.0: kinds "vae" and "vqvae", graph shapes of fixed sizes after the batch axis.
+  1.1: kinds come from the registry (vaeinfer.kinds); a graph's shape may name symbolic axes
+       (e.g. "height") besides "batch". Every 1.0 bundle is a valid 1.1 bundle.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as
 from vaeinfer.spec import GraphSpec
 
 FORMAT = "vaeinfer-bundle"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 LIKELIHOODS = ("bernoulli", "gaussian")
 PRECISIONS = ("fp32", "fp16", "int8")
