@@ -243,7 +243,7 @@ def bench(model: str = "mnist-vae", batches=DEFAULT_BATCHES, ops=OPS, device: st
     rss_loaded = rss_mb()
     results = []
     for op in ops:
-        if op == "sample" and m.info.kind == "vqvae" and not m.info.has_prior:
+        if op == "sample" and not m.can_sample:
             continue
         for b in batches:
             if progress is not None:

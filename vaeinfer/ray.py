@@ -74,9 +74,11 @@ class BundlePredictor:
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         self.model = vaeinfer.load(model, device=device, threads=threads, precision=precision)
-        self.kind = self.model.info.kind
-        if op == "score" and self.kind != "vae":
-            raise ValueError(f"score: {self.model.info.name} is a {self.kind}; scores (IWAE NLL) are for VAE bundles")
+        from vaeinfer import kinds
+
+        self.kind = kinds.get(self.model.info.kind)
+        if op == "score" and not self.kind.scorable:
+            raise ValueError(f"score: {self.model.info.name} is a {self.kind.name}; scores (IWAE NLL) are for VAE bundles")
         self.op, self.input_column, self.id_column = op, input_column, id_column
         self.keep_columns, self.batch_size, self.call_kwargs = keep_columns, batch_size, call_kwargs
 
@@ -84,7 +86,7 @@ class BundlePredictor:
         if self.input_column is not None:
             candidates = (self.input_column,)
         elif self.op == "decode":
-            candidates = ("codes",) if self.kind == "vqvae" else ("z", "mean")
+            candidates = self.kind.latent_keys
         else:
             candidates = ("image",)
         for name in candidates:

@@ -408,6 +408,8 @@ class Model:
             graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound, workers, serial)
         return graphs
 
+    can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
+
     def graph(self, role: str) -> Graph:
         """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""
         if role not in self._graphs:

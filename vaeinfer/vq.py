@@ -48,6 +48,11 @@ class VQVAE(Model):
     """A loaded VQ-VAE bundle: `encode` -> Codes, `decode(codes)`, `sample` through the prior."""
 
     @property
+    def can_sample(self) -> bool:
+        """Only with a prior graph: the codes are sampled from it."""
+        return "prior" in self._graphs
+
+    @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.manifest.latent["grid"])
 

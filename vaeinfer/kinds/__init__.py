@@ -29,7 +29,8 @@ class Kind:
     parse_latent: Callable[[dict], dict]  # manifest `latent` -> normalised dict; BundleError if bad
     graphs: Callable[[object], dict]  # Manifest -> {role: GraphSpec}
     int_limits: Callable[[object], dict]  # Manifest -> {int64 input name: exclusive upper bound}
-    latent_keys: tuple[str, ...]  # npz keys the CLI reads as the decoder's input, in order
+    latent_keys: tuple[str, ...]  # names of the decoder's input among `encode`'s results (npz keys, columns), in order
+    sample_options: tuple[str, ...] = ()  # keyword options of the runtime's `sample` beyond the common ones
     scorable: bool = False  # has `score` (an ELBO): a Gaussian latent with an encoder posterior
     prior_slot: bool = False  # the manifest may carry `prior` (and a prior graph)
 

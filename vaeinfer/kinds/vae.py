@@ -16,5 +16,5 @@ KIND = register(Kind(
     parse_latent=parse_latent,
     graphs=lambda m: vae_graphs(m.image, m.latent["dim"]),
     int_limits=lambda m: {},
-    latent_keys=("z", "mean", "arr_0"), scorable=True,
+    latent_keys=("z", "mean"), scorable=True,
 ))

@@ -32,5 +32,5 @@ def _limits(m) -> dict:
 KIND = register(Kind(
     name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="export.vq",
     parse_latent=parse_latent, graphs=_graphs, int_limits=_limits,
-    latent_keys=("codes", "arr_0"), prior_slot=True,
+    latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), prior_slot=True,
 ))

@@ -1,0 +1,3 @@
+from vaeinfer.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""What every `vaeinfer` command shares: the click group (one line per expected error), the
+model options, loading, progress bars and image/array files in and out."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+import vaeinfer
+from vaeinfer import images as image_io
+from vaeinfer.errors import InputError, VaeinferError
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+class Group(click.Group):
+    """Turns every expected error into one line on stderr and exit status 1, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # bad flags or arguments: one line too, with the usual status 2
+            _fail(f"{e.format_message()} (see: {e.ctx.command_path if e.ctx else 'vaeinfer'} --help)", status=2)
+        except (VaeinferError, ValueError, OSError) as e:
+            _fail(e)
+        except MemoryError:
+            _fail("out of memory (try a smaller -n or --batch-size)")
+        except Exception as e:  # errors of the training side (ExportError, CheckpointError, DataError, ...)
+            if type(e).__module__.split(".")[0] in ("training", "export"):
+                _fail(e)
+            raise
+
+
+def _fail(error, status: int = 1) -> None:
+    """One line on stderr (messages can hold newlines, e.g. from onnxruntime, or text that the
+    terminal's encoding cannot show), then exit with `status`."""
+    line = " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(f"error: {line}", err=True)
+    sys.exit(status)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(vaeinfer.__version__, prog_name="vaeinfer")
+def main():
+    """Train, export and run variational autoencoders (VAE, beta-VAE, VQ-VAE + PixelCNN prior).
+
+    Runtime commands (sample, encode, decode, reconstruct, score, info) need only the
+    runtime install; train, train-prior and export need the `train` extra.
+    """
+
+
+def model_option(f):
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+                     help="Which of the bundle's graph variants to run.")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="onnxruntime intra-op threads (default: one per core).")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N. Asking for CUDA where it cannot run is an error.")(f)
+    f = click.option("-m", "--model", default=vaeinfer.DEFAULT_MODEL, show_default=True,
+                     help="A bundled model's name (see `vaeinfer info`) or a bundle directory.")(f)
+    return f
+
+
+def _load(model, device, threads, precision):
+    return vaeinfer.load(model, device=device, threads=threads, precision=precision)
+
+
+def _progress(total: int, label: str):
+    """A click progress bar (to stderr) and the callback that advances it."""
+    bar = click.progressbar(length=total, label=label, file=sys.stderr)
+    state = {"done": 0}
+
+    def advance(done: int):
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    return bar, advance
+
+
+def _read_images(model, paths: tuple[str, ...]) -> np.ndarray:
+    """Image files (each one image) or one .npy/.npz of images (N, C, H, W), uint8 or float."""
+    if not paths:
+        raise InputError("expected at least one input: image files, or one .npy/.npz of images (N, C, H, W)")
+    if len(paths) == 1 and Path(paths[0]).suffix in ARRAY_SUFFIXES:
+        arrays = image_io.load_arrays(paths[0])
+        key = next((k for k in ("images", "x", "arr_0") if k in arrays), None) or next(iter(arrays), None)
+        if key is None:
+            raise InputError(f"{paths[0]}: expected an array of images, the file holds none")
+        return arrays[key]
+    c, h, w = model.info.image_shape
+    return image_io.load_images(list(paths), c, (h, w))
+
+
+def _check_out(out: str, suffixes: tuple[str, ...] = (".png", *ARRAY_SUFFIXES)) -> None:
+    """Refuse an output name that cannot be written before doing the work, not after it."""
+    if Path(out).suffix.lower() not in suffixes:
+        raise InputError(f"{out}: expected an output ending in {' or '.join(suffixes)}")
+
+
+def _write_images(images: np.ndarray, out: str, nrow: int | None = None, **extra) -> None:
+    _check_out(out)
+    if Path(out).suffix.lower() in ARRAY_SUFFIXES:
+        image_io.save_arrays(out, images=images, **extra)
+    else:
+        image_io.save_grid(images, out, nrow)
+    click.echo(f"wrote {out} ({len(images)} images)", err=True)

