@@ -52,9 +52,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         from vaeinfer import _probe
         from vaeinfer.session import parse_device
 
-        parse_device(device)  # a bad device string is the caller's error, not the bundle's
+        device = parse_device(device)  # a bad device string is the caller's error, not the bundle's
         bundle = bundle.pin(precision, verify)  # the probe and this process run the same bytes
-        _probe.probe(bundle, precision, device)
+        _probe.probe(bundle, precision, "auto" if device.auto else str(device))
     from vaeinfer import kinds
 
     cls = kinds.get(bundle.manifest.kind).runtime_class()

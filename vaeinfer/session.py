@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from vaeinfer.errors import BackendError, BundleError
 
@@ -27,20 +28,33 @@ def _ort():
 
 @dataclass(frozen=True)
 class Device:
-    kind: str  # "cpu" | "cuda"
+    """Where a model runs, parsed once from the user's string (`parse_device`) and passed around."""
+
+    kind: str  # a key of PROVIDERS: "cpu" | "cuda"
     index: int = 0
     auto: bool = False  # chosen by "auto": fall back to CPU instead of raising
 
     def __str__(self):
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+        return "cpu" if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+    @property
+    def provider(self) -> "Provider":
+        return PROVIDERS[self.kind]
 
 
-def parse_device(device: str) -> Device:
-    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device).strip().lower())
-    if not m or (m[2] is not None and m[1] != "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+def parse_device(device: str | Device) -> Device:
+    """The `Device` for "auto", "cpu", "cuda" or "cuda:N" (a Device is returned as it is)."""
+    if isinstance(device, Device):
+        return device
+    accelerators = [k for k in PROVIDERS if k != "cpu"]
+    m = re.fullmatch(rf"(auto|cpu|{'|'.join(accelerators)})(?::(\d+))?", str(device).strip().lower())
+    if not m or (m[2] is not None and m[1] not in accelerators):
+        named = ", ".join(f"'{k}' or '{k}:N'" for k in accelerators)
+        raise ValueError(f"device must be 'auto', 'cpu', {named}, got {device!r}")
     if m[1] == "auto":
-        return Device("cuda", 0, auto=True) if CUDA in _ort().get_available_providers() else Device("cpu")
+        available = _ort().get_available_providers()
+        first = next((k for k in accelerators if PROVIDERS[k].name in available), None)
+        return Device(first, 0, auto=True) if first else Device("cpu")
     return Device(m[1], int(m[2] or 0))
 
 
@@ -73,15 +87,32 @@ def cuda_provider_options(index: int, cuda_graph: bool = False) -> dict[str, str
     return opts
 
 
+@dataclass(frozen=True)
+class Provider:
+    """One execution provider: what a device kind needs from onnxruntime."""
+
+    name: str  # onnxruntime's provider name
+    options: Callable[[int, bool], dict] | None  # (device index, cuda_graph) -> provider options
+    binding: str  # IO binding / OrtValue device type
+
+
+# device kind -> provider; a new execution provider is one entry here ("auto" tries them in order)
+PROVIDERS = {
+    "cpu": Provider(CPU, None, "cpu"),
+    "cuda": Provider(CUDA, cuda_provider_options, "cuda"),
+}
+
+
 def providers_for(device: Device, cuda_graph: bool = False) -> list:
-    if device.kind == "cpu":
-        return [CPU]
-    return [(CUDA, cuda_provider_options(device.index, cuda_graph)), CPU]
+    p = device.provider
+    if p.options is None:
+        return [p.name]
+    return [(p.name, p.options(device.index, cuda_graph)), CPU]
 
 
 def ort_device(device: Device) -> tuple[str, int]:
     """(device_type, device_id) as onnxruntime's IO binding and OrtValue take them."""
-    return ("cpu", 0) if device.kind == "cpu" else ("cuda", device.index)
+    return device.provider.binding, 0 if device.kind == "cpu" else device.index
 
 
 def session_options(threads: int | None):
@@ -107,8 +138,8 @@ def create_session(model: bytes, device: Device, threads: int | None, what: str,
     provider) is created without it; `session.cuda_graph` (an attribute set here) says which.
     """
     ort = _ort()
-    if device.kind == "cuda" and CUDA not in ort.get_available_providers():
-        raise BackendError(f"device cuda:{device.index} asked for, but this onnxruntime has no CUDA provider "
+    if device.provider.name not in ort.get_available_providers():
+        raise BackendError(f"device {device} asked for, but this onnxruntime has no CUDA provider "
                            f"(available: {ort.get_available_providers()}); install 'vaeinfer[gpu]' "
                            "(onnxruntime-gpu) without onnxruntime, or use device='cpu'")
     cuda_graph = bool(cuda_graph) and device.kind == "cuda"
@@ -121,8 +152,8 @@ def create_session(model: bytes, device: Device, threads: int | None, what: str,
         if device.kind == "cuda" and "CUDA" in str(e):
             raise BackendError(f"{what}: the CUDA provider failed to start on cuda:{device.index}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
-    if device.kind == "cuda" and session.get_providers()[0] != CUDA:
-        raise BackendError(f"{what}: asked for cuda:{device.index} but onnxruntime bound {session.get_providers()} "
+    if session.get_providers()[0] != device.provider.name:
+        raise BackendError(f"{what}: asked for {device} but onnxruntime bound {session.get_providers()} "
                            "(is a CUDA driver and cuDNN 9 visible to this process?)")
     session.cuda_graph = cuda_graph
     return session
