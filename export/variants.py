@@ -191,20 +191,9 @@ def graph_feeds(manifest, sessions: dict, images: np.ndarray, labels: np.ndarray
     x = np.ascontiguousarray(images, np.float32)
     feeds = {"encoder": {"x": x}}
     enc = sessions["encoder"].run(None, {"x": x})
-    if manifest.kind == "vae":
-        mean, logvar = enc
-        eps = rng.standard_normal(mean.shape, dtype=np.float32)
-        feeds["decoder"] = {"z": (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)}
-    else:
-        codes = enc[0].astype(np.int64)
-        feeds["decoder"] = {"codes": codes}
-        if "prior" in sessions:
-            prior = {"codes": codes}
-            n = manifest.prior["num_classes"]
-            if n > 0:
-                lab = labels if labels is not None else rng.integers(0, n, len(codes))
-                prior["label"] = np.asarray(lab, np.int64)[:len(codes)]
-            feeds["prior"] = prior
+    from vaeinfer import kinds
+
+    feeds.update(kinds.get(manifest.kind).feeds_from_encoder(manifest, enc, labels, rng))
     return feeds
 
 

@@ -30,6 +30,9 @@ class Kind:
     graphs: Callable[[object], dict]  # Manifest -> {role: GraphSpec}
     int_limits: Callable[[object], dict]  # Manifest -> {int64 input name: exclusive upper bound}
     latent_keys: tuple[str, ...]  # names of the decoder's input among `encode`'s results (npz keys, columns), in order
+    # (Manifest, encoder outputs, labels | None, rng) -> {role: feeds} of the other graphs, as real
+    # images drive them (export's variant calibration and checks)
+    feeds_from_encoder: Callable[..., dict]
     sample_options: tuple[str, ...] = ()  # keyword options of the runtime's `sample` beyond the common ones
     scorable: bool = False  # has `score` (an ELBO): a Gaussian latent with an encoder posterior
     prior_slot: bool = False  # the manifest may carry `prior` (and a prior graph)

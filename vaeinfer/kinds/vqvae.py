@@ -3,6 +3,8 @@ and an optional (class-conditional) PixelCNN prior codes [+ label] -> logits."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import get, positive
@@ -15,6 +17,21 @@ def parse_latent(latent: dict) -> dict:
         raise BundleError(f"manifest: expected latent.grid [h, w] of positive ints, got {grid!r:.60}")
     return {"grid": list(grid), "codebook_size": positive(latent, "codebook_size", "latent"),
             "code_dim": positive(latent, "code_dim", "latent")}
+
+
+def feeds_from_encoder(manifest, enc, labels, rng) -> dict:
+    """The decoder and the prior on the encoder's codes; labels (random ones if none are known)
+    for a class-conditional prior."""
+    codes = enc[0].astype(np.int64)
+    feeds = {"decoder": {"codes": codes}}
+    if manifest.prior is not None:
+        prior = {"codes": codes}
+        n = manifest.prior["num_classes"]
+        if n > 0:
+            lab = labels if labels is not None else rng.integers(0, n, len(codes))
+            prior["label"] = np.asarray(lab, np.int64)[:len(codes)]
+        feeds["prior"] = prior
+    return feeds
 
 
 def _graphs(m) -> dict:
@@ -31,6 +48,6 @@ def _limits(m) -> dict:
 
 KIND = register(Kind(
     name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="export.vq",
-    parse_latent=parse_latent, graphs=_graphs, int_limits=_limits,
+    parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=_limits,
     latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), prior_slot=True,
 ))
