@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from tests.conftest import blob_images, write_npz
 from training import checkpoint
-from training import train as train_mod
+from training import loop as loop_mod
 from training.checkpoint import CheckpointError
 from training.train import TrainConfig, train
 
@@ -67,14 +67,14 @@ def test_resume_after_max_steps_is_bit_identical(resume_config, straight_run, tm
 def test_resume_after_crash_is_bit_identical(resume_config, straight_run, tmp_path, monkeypatch):
     """A run killed at step 8 resumes from its step-6 checkpoint and ends bit-identical."""
     run = tmp_path / "run"
-    real = train_mod.learning_rate
+    real = loop_mod.learning_rate
 
     def crash_at_step_8(config, step, total):
         if step == 7:  # the 8th optimizer step
             raise KeyboardInterrupt
         return real(config, step, total)
 
-    monkeypatch.setattr(train_mod, "learning_rate", crash_at_step_8)
+    monkeypatch.setattr(loop_mod, "learning_rate", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         train(resume_config, run, progress_bar=False)
     monkeypatch.undo()

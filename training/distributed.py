@@ -7,7 +7,7 @@ group (gloo on CPU, nccl on CUDA, one GPU per process); without torchrun it retu
 one-process `Context` whose hooks do nothing, so `training.train` runs exactly as before.
 
 Same global batch, same parameters. Every rank walks the same seeded per-epoch permutation as
-one process would (`training.train.epoch_order`) and takes a contiguous slice of each global
+one process would (`training.loop.epoch_order`) and takes a contiguous slice of each global
 batch: rank r gets rows ``[r*B//W, (r+1)*B//W)``. This is what torch's `DistributedSampler`
 does for an epoch, done per global batch instead, because DistributedSampler pads the last
 batch with repeated samples and strides over the whole epoch, which changes which images meet in

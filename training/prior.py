@@ -13,17 +13,14 @@ so the optimizer state and the progress in each checkpoint are all that an exact
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from training import checkpoint
 from training.checkpoint import CheckpointError
@@ -31,8 +28,8 @@ from training.data import DataError, load_data, split
 from training.likelihood import Likelihood
 from training.models import build_model
 from training.pixelcnn import GatedPixelCNN
-from training.train import JsonConfig, TrainConfig, checkpoint_due, epoch_order, learning_rate, record_step
-from vaeinfer._fs import atomic_write_text
+from training.loop import new_progress, run_loop
+from training.train import JsonConfig, TrainConfig
 
 NAME = "prior"  # the checkpoint's name in the run folder
 
@@ -142,7 +139,6 @@ def _save(run_dir, prior, optimizer, config, vq_meta, facts, progress, history):
         "optimizer": opt_meta,
     }
     checkpoint.save(run_dir, tensors, meta, progress["global_step"], name=NAME)
-    atomic_write_text(Path(run_dir) / "prior_metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
 def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: bool = False,
@@ -173,8 +169,7 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
     prior = GatedPixelCNN(vqvae.codebook_size, vqvae.grid, channels=config.channels, layers=config.layers,
                           kernel=config.kernel, num_classes=num_classes).to(config.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "done": False, "sums": {}, "seconds": 0.0}
-    history: list[dict] = []
+    progress, history = new_progress(), []
     if saved is not None:
         tensors, meta = saved
         if meta["vqvae"]["weights_sha256"] != vq_meta["weights"]["sha256"]:
@@ -184,63 +179,26 @@ def train_prior(run_dir: str | Path, config: PriorConfig | None = None, resume: 
         prior.load_state_dict(checkpoint.model_tensors(tensors))
         checkpoint.restore_optimizer(optimizer, tensors, meta["optimizer"])
         progress, history = meta["progress"], meta["history"]
-    progress["done"] = config.max_steps is not None and progress["global_step"] >= config.max_steps
-
-    steps_per_epoch = math.ceil(len(codes) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
     prior.train()
 
-    def checkpoint_now():
-        _save(run_dir, prior, optimizer, config, vq_meta, facts, progress, history)
+    def step(index, global_step):
+        c, y = _batch(codes, labels, index, config.device)
+        loss = F.cross_entropy(prior(c, y), c)  # nats per code
+        return loss, {"bits_per_code": float(loss.detach()) / math.log(2)}
 
-    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=not progress_bar, unit="step")
-    while progress["epoch"] < config.epochs and not progress["done"]:
-        epoch = progress["epoch"]
-        order = epoch_order(config.seed, epoch, len(codes))
-        started = time.perf_counter()
-        for step in range(progress["step_in_epoch"], steps_per_epoch):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            c, y = _batch(codes, labels, index, config.device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, progress["global_step"], total_steps)
-            loss = F.cross_entropy(prior(c, y), c)  # nats per code
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bits = float(loss.detach()) / math.log(2)
-            record_step(progress, step, {"bits_per_code": bits}, len(index))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, bits=f"{bits:.3f}")
-            save, stop = checkpoint_due(progress, config)
-            if save:
-                progress["seconds"] += time.perf_counter() - started
-                started = time.perf_counter()
-                progress["done"] = stop
-                checkpoint_now()
-                if stop:
-                    break
-        if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
-            break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row
-        progress["seconds"] += time.perf_counter() - started
-        row = {"epoch": epoch + 1, "step": progress["global_step"], "lr": optimizer.param_groups[0]["lr"],
-               **{k: v / len(codes) for k, v in progress["sums"].items()},
-               **evaluate(prior, val_codes, val_labels, config.device), "seconds": round(progress["seconds"], 2)}
-        history.append(row)
-        bar.write(json.dumps(row))
-        progress.update(epoch=epoch + 1, step_in_epoch=0, sums={}, seconds=0.0)
-        checkpoint_now()
-    bar.close()
-    _finish(run_dir, prior, vqvae, history, config)
+    run_loop(config, rows=len(codes), progress=progress, history=history, optimizer=optimizer, step=step,
+             evaluate=lambda: evaluate(prior, val_codes, val_labels, config.device),
+             save=lambda: _save(run_dir, prior, optimizer, config, vq_meta, facts, progress, history),
+             metrics_path=run_dir / "prior_metrics.jsonl", curve_path=run_dir / "prior_loss_curve.png",
+             progress_bar=progress_bar)
+    _finish(run_dir, prior, vqvae, config)
     return checkpoint.resolve(run_dir, NAME)
 
 
-def _finish(run_dir: Path, prior: GatedPixelCNN, vqvae, history: list[dict], config: PriorConfig) -> None:
-    """The prior's loss-curve PNG and 64 samples decoded by the VQ-VAE (one row per class)."""
-    from training.plots import plot_history
+def _finish(run_dir: Path, prior: GatedPixelCNN, vqvae, config: PriorConfig) -> None:
+    """64 samples decoded by the VQ-VAE (one row per class); the loss curve is `run_loop`'s."""
     from vaeinfer.images import save_grid
 
-    if history:
-        plot_history(history, run_dir / "prior_loss_curve.png")
     prior.eval()
     label = torch.arange(64, device=config.device) // 8 % prior.num_classes if prior.num_classes else None
     codes = prior.sample(64, label, generator=torch.Generator(device=config.device).manual_seed(config.seed))

@@ -9,21 +9,18 @@ exactly as if the run had never stopped (a test checks bit-identical weights).
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from training import checkpoint, distributed
 from training.data import DEFAULT_DATA, load_data, split
 from training.likelihood import Likelihood
+from training.loop import checkpoint_due, epoch_order, learning_rate, new_progress, record_step, run_loop  # noqa: F401
 from training.models import build_model, kl_weight
-from vaeinfer._fs import atomic_write_text
 
 
 class JsonConfig:
@@ -77,31 +74,6 @@ class TrainConfig(JsonConfig):
         return Likelihood(self.likelihood, self.gaussian_scale if self.likelihood == "gaussian" else None)
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def record_step(progress: dict, step: int, metrics: dict[str, float], rows: int) -> None:
-    """Add one optimizer step's metrics (weighted by its rows) to the epoch sums and advance."""
-    for k, v in metrics.items():
-        progress["sums"][k] = progress["sums"].get(k, 0.0) + v * rows
-    progress["step_in_epoch"] = step + 1
-    progress["global_step"] += 1
-
-
-def checkpoint_due(progress: dict, config) -> tuple[bool, bool]:
-    """(save a checkpoint now, stop now): every `checkpoint_every` steps, and at the step budget."""
-    at_limit = config.max_steps is not None and progress["global_step"] >= config.max_steps
-    every = bool(config.checkpoint_every) and progress["global_step"] % config.checkpoint_every == 0
-    return at_limit or every, at_limit
-
-
 def prepare_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator):
     """(encoder input, decoder target); dynamic binarization draws both from the intensities."""
     if config.binarize == "dynamic":
@@ -135,8 +107,7 @@ def _model_and_state(config: TrainConfig, image_shape, run_dir: Path, resume: bo
     model = build_model(config.arch, image_shape, config.likelihood_obj(), **config.model_args).to(config.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "done": False, "sums": {}, "seconds": 0.0}
-    history: list[dict] = []
+    progress, history = new_progress(), []
     if resume and checkpoint.exists(run_dir):
         tensors, meta = checkpoint.load(run_dir)
         model.load_state_dict(checkpoint.model_tensors(tensors))
@@ -164,7 +135,6 @@ def save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, p
         "optimizer": opt_meta,
     }
     checkpoint.save(run_dir, tensors, meta, progress["global_step"])
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progress_bar: bool = True) -> Path:
@@ -194,74 +164,36 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
 
     model, optimizer, generator, progress, history = _model_and_state(config, image_shape, run_dir, resume)
     loss_fn = ctx.loss_fn(model)  # model.loss, or its data-parallel form that takes the global batch
-    progress["done"] = config.max_steps is not None and progress["global_step"] >= config.max_steps
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(config.kl_warmup_epochs * steps_per_epoch)
+    warmup_steps = int(config.kl_warmup_epochs * math.ceil(len(images) / config.batch_size))
     model.train()
 
-    def checkpoint_now():
-        if ctx.is_main:
-            save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, progress, history, data_facts)
-        ctx.barrier()
+    def step(index, global_step):
+        x, target = prepare_batch(images[index].to(config.device), config, generator)
+        losses = loss_fn(x, target, beta=kl_weight(global_step, warmup_steps, config.beta), generator=generator)
+        return losses["loss"], {k: float(v.detach()) for k, v in losses.items()}
 
-    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=not (progress_bar and ctx.is_main), unit="step")
-    while progress["epoch"] < config.epochs and not progress["done"]:
-        epoch = progress["epoch"]
-        order = epoch_order(config.seed, epoch, len(images))
-        started = time.perf_counter()
-        for step in range(progress["step_in_epoch"], steps_per_epoch):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            x, target = prepare_batch(images[index].to(config.device), config, generator)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, progress["global_step"], total_steps)
-            beta = kl_weight(progress["global_step"], warmup_steps, config.beta)
-            losses = loss_fn(x, target, beta=beta, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            record_step(progress, step, {k: float(v.detach()) for k, v in losses.items()}, len(index))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(losses['loss'].detach()):.2f}")
-            save, stop = checkpoint_due(progress, config)
-            if save:
-                progress["seconds"] += time.perf_counter() - started
-                started = time.perf_counter()
-                progress["done"] = stop
-                checkpoint_now()
-                if stop:
-                    break
-        if progress["done"] and progress["step_in_epoch"] < steps_per_epoch:
-            break  # stopped mid-epoch; a step budget that ends an epoch still gets its summary row
-        progress["seconds"] += time.perf_counter() - started
-        row = {"epoch": epoch + 1, "step": progress["global_step"],
-               "beta": kl_weight(progress["global_step"], warmup_steps, config.beta),
-               "lr": optimizer.param_groups[0]["lr"], **{k: v / len(images) for k, v in progress["sums"].items()}, **(evaluate(model, val_images, config) if ctx.is_main else {}),
-               "seconds": round(progress["seconds"], 2)}
-        history.append(row)
-        if ctx.is_main:
-            bar.write(json.dumps(row))
-        progress.update(epoch=epoch + 1, step_in_epoch=0, sums={}, seconds=0.0)
-        checkpoint_now()
-    bar.close()
+    run_loop(config, rows=len(images), progress=progress, history=history, optimizer=optimizer, step=step,
+             evaluate=lambda: evaluate(model, val_images, config) if ctx.is_main else {},
+             save=lambda: save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, progress,
+                                          history, data_facts),
+             metrics_path=run_dir / "metrics.jsonl", curve_path=run_dir / "loss_curve.png",
+             row_fields=lambda global_step: {"beta": kl_weight(global_step, warmup_steps, config.beta)},
+             is_main=ctx.is_main, barrier=ctx.barrier, progress_bar=progress_bar)
     if ctx.is_main:
-        finish(run_dir, model, history, config, val_images if len(val_images) else images)
+        finish(run_dir, model, config, val_images if len(val_images) else images)
     ctx.barrier()
     ctx.teardown()
     return checkpoint.resolve(run_dir)
 
 
-def finish(run_dir: Path, model, history: list[dict], config: TrainConfig, images: torch.Tensor | None = None) -> None:
-    """The loss-curve PNG and a sample grid, written at the end of a run.
+def finish(run_dir: Path, model, config: TrainConfig, images: torch.Tensor | None = None) -> None:
+    """The sample grid written at the end of a run (the loss curve is `run_loop`'s).
 
     A model that cannot sample (a VQ-VAE before its prior is trained) but can `reconstruct`
     gets a grid instead: up to 32 of `images` in the top half, their reconstructions below.
     """
-    from training.plots import plot_history
     from vaeinfer.images import save_grid
 
-    if history:
-        plot_history(history, run_dir / "loss_curve.png")
     if hasattr(model, "sample"):
         model.eval()
         samples = model.sample(64, generator=torch.Generator(device=config.device).manual_seed(config.seed))
