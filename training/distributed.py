@@ -147,7 +147,7 @@ class _ShardedLoss:
                               "one-process training", stacklevel=3)
         device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
         self.ddp = nn.parallel.DistributedDataParallel(_LossModule(model), device_ids=device_ids)
-        self.draws_eps = getattr(model, "kind", "vae") == "vae" and hasattr(model, "latent_dim")
+        self.draws_eps = getattr(model, "draws_eps", False)
 
     def __call__(self, x, target, beta, generator=None):
         n = len(x)

@@ -13,6 +13,7 @@ that `build_model(arch, args)` rebuilds the very same network for export.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -137,6 +138,8 @@ class VAE(nn.Module):
     """An encoder/decoder pair plus its likelihood; `loss` is the (beta-weighted) negative ELBO."""
 
     kind = "vae"
+    draws_eps = True  # `loss` takes the reparameterisation noise as `eps` (data-parallel training draws it)
+    loss_is_negative_elbo = True  # at beta = 1 (validation reports the ELBO)
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, image_shape):
         super().__init__()
@@ -187,14 +190,15 @@ def _vae(builder):
 
 
 # arch name -> build(image_shape, likelihood, **constructor_args) -> a module with .loss();
-# training.vqvae adds "vqvae".
+# the modules of _REGISTERED_BY add theirs when imported.
 ARCHITECTURES = {"mlp-vae": _vae(build_mlp_vae), "conv-vae": _vae(build_conv_vae)}
+_REGISTERED_BY = {"vqvae": "training.vqvae"}
 
 
 def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Module:
     """Rebuild a model from its architecture name and JSON constructor arguments."""
-    if arch == "vqvae":
-        import training.vqvae  # noqa: F401  (registers itself)
+    if arch in _REGISTERED_BY:
+        importlib.import_module(_REGISTERED_BY[arch])
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](tuple(image_shape), likelihood, **args)

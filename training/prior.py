@@ -59,9 +59,9 @@ class PriorConfig(JsonConfig):
 def load_vqvae(run_dir: str | Path, device: str = "cpu"):
     """(the VQ-VAE of run_dir's checkpoint in eval mode, that checkpoint's meta)."""
     tensors, meta = checkpoint.load(run_dir)
-    if meta.get("kind") != "vqvae":
-        raise CheckpointError(f"{run_dir}: a prior needs a VQ-VAE checkpoint (kind 'vqvae'), got kind {meta.get('kind')!r}")
     model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])
+    if not getattr(model, "encodes_to_codes", False):
+        raise CheckpointError(f"{run_dir}: a prior needs a VQ-VAE checkpoint (kind 'vqvae'), got kind {meta.get('kind')!r}")
     model.load_state_dict(checkpoint.model_tensors(tensors))
     return model.to(device).eval(), meta
 
