@@ -19,7 +19,7 @@ import torch
 from training import checkpoint, distributed
 from training.data import DEFAULT_DATA, load_data, split
 from training.likelihood import Likelihood
-from training.loop import checkpoint_due, epoch_order, learning_rate, new_progress, record_step, run_loop  # noqa: F401
+from training.loop import new_progress, run_loop
 from training.models import build_model, kl_weight
 
 
