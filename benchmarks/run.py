@@ -525,6 +525,12 @@ def markdown(report: dict) -> str:
             top = ", ".join(f"{n} {s:.0f}" for n, s in list(v["distributions"].items())[:3])
             lines.append(f"| {k} | {v['total_mb']:.0f} | {top} |")
         lines.append("")
+    if report.get("vq_sampling"):
+        vq = report["vq_sampling"]
+        lines += ["## VQ sampling (benchmarks/vq_sampling.py)", "",
+                  f"`sample_codes(256)` of mnist-vqvae: cached loop {vq['in_process']['cached_s']:.3f} s, reference loop "
+                  f"{vq['in_process']['reference_s']:.3f} s ({vq['in_process']['speedup']:.1f}x, goal >= 8x); same code at "
+                  f"{vq['same_code_fraction']:.3%} of positions (goal >= 99.9%).", ""]
     return "\n".join(lines)
 
 
@@ -614,6 +620,12 @@ def main(argv=None) -> dict:
         report.setdefault("vaeinfer_bench", []).append(
             cli_bench(name, batches, args.device, threads, min_time / 2, args.cuda_graph))
     report["overhead"] = overhead_rows(report["models"])
+    if "mnist-vqvae" in names and stem == "cpu":
+        log("VQ sampling: cached vs reference prior loop")
+        sys.path.insert(0, str(Path(__file__).parent))
+        import vq_sampling
+
+        report["vq_sampling"] = vq_sampling.measure("mnist-vqvae", 256, 1 if args.quick else 3, processes=False)
     report["targets"] = targets(report["models"])
     if not args.no_coldstart and not args.quick and stem == "cpu":
         log("cold start and installed size")

@@ -9,12 +9,24 @@ import onnxruntime
 import torch
 
 import vaeinfer
-from export.graphs import IR_VERSION, OPSET, set_metadata, trace
+from export.graphs import IR_VERSION, OPSET, set_metadata, strip_unused_initializers, trace
 from export.optimize import narrow_convs
 from export.validate import FP32_TOLERANCE, PARITY_BATCHES, Comparator, check_structure, max_abs_error, parity
 from export.writer import sha256, write_bundle
 from vaeinfer.manifest import FORMAT, FORMAT_VERSION
 from vaeinfer.spec import GraphSpec
+
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, facts: dict, limits: dict | None, compare: Comparator,
+                 opset: int = OPSET) -> tuple[bytes, dict, int]:
+    """Trace, rewrite, check and compare one graph: (its bytes, parity figures, rewrites made)."""
+    model = trace(module, spec, limits, opset)
+    rewrites = narrow_convs(model)  # before validation: parity checks the rewritten graph
+    strip_unused_initializers(model)
+    set_metadata(model, {**facts, "role": spec.role})
+    check_structure(model, spec.role)
+    figures = parity(model, module, spec, compare, limits)
+    return model.SerializeToString(), figures, rewrites
 
 
 def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int, int, int], latent: dict,
@@ -32,12 +44,8 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
              "latent": latent, "likelihood": likelihood}
     files, entries, figures, rewrites = {}, {}, {}, {}
     for role, spec in specs.items():
-        model = trace(modules[role], spec, limits, opset)
-        rewrites[role] = narrow_convs(model)  # before validation: parity checks the rewritten graph
-        set_metadata(model, {**facts, "role": role})
-        check_structure(model, role)
-        figures[role] = parity(model, modules[role], spec, comparators.get(role, max_abs_error(tolerance)), limits)
-        data = model.SerializeToString()
+        data, figures[role], rewrites[role] = export_graph(modules[role], spec, facts, limits,
+                                                           comparators.get(role, max_abs_error(tolerance)), opset)
         files[f"{role}.onnx"] = data
         entries[role] = {"file": f"{role}.onnx", "sha256": sha256(data), **spec.io_json()}
     checks = {check_name: check(files) for check_name, check in (extra_checks or {}).items()}

@@ -96,3 +96,32 @@ def set_metadata(model: onnx.ModelProto, facts: dict) -> None:
     for key, value in facts.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = f"vaeinfer.{key}", json.dumps(value, sort_keys=True)
+
+
+def unused_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers that no node (nor subgraph node) reads and that are no graph output:
+    onnxruntime warns about each one ("Removing initializer ...") when it opens the graph."""
+    used = {o.name for o in model.graph.output}
+
+    def visit(graph):
+        for node in graph.node:
+            used.update(node.input)
+            for a in node.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    visit(g)
+
+    visit(model.graph)
+    return [t.name for t in model.graph.initializer if t.name not in used]
+
+
+def strip_unused_initializers(model: onnx.ModelProto) -> int:
+    """Remove, in place, the initializers that nothing uses; returns how many. Values kept are untouched."""
+    unused = set(unused_initializers(model))
+    if unused:
+        kept = [t for t in model.graph.initializer if t.name not in unused]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        inputs = [i for i in model.graph.input if i.name not in unused]  # IR < 4 lists initializers as inputs
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    return len(unused)

@@ -35,6 +35,7 @@ import onnxruntime as ort
 
 from export.graphs import IR_VERSION, ExportError
 from export.writer import sha256, write_bundle
+from vaeinfer.manifest import STEP_ROLES
 from vaeinfer.bundle import open_bundle
 
 VARIANTS = ("fp16", "int8")
@@ -328,7 +329,9 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
             raise ExportError(f"precision must be one of {VARIANTS}, got {p!r}")
     bundle = open_bundle(bundle_dir)
     m = bundle.manifest
-    fp32 = {role: bundle.read_graph(role) for role in m.specs()}
+    # the cached prior graphs (prior_row, prior_step) stay fp32 for every precision: they are
+    # small per-position matmuls where conversion casts would cost more than they save
+    fp32 = {role: bundle.read_graph(role) for role in m.specs() if role not in STEP_ROLES}
     sessions = {role: _session(data) for role, data in fp32.items()}
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(calibration))

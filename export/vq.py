@@ -16,6 +16,7 @@ import torch
 
 from export.bundle import export_bundle
 from export.graphs import ExportError, example_inputs
+from export.prior_step import cache_check, cache_facts, step_limits, step_modules
 from export.validate import FP32_TOLERANCE, max_abs_error
 from vaeinfer.spec import vq_graphs
 
@@ -107,6 +108,14 @@ def export_vqvae(model, run_dir: Path, out_dir, *, name: str | None = None, trai
     num_classes = None if prior is None else prior.num_classes
     specs = vq_graphs(model.image_shape, model.grid, model.code_dim, model.codebook_size, num_classes)
     modules = {"encoder": model.encoder, "decoder": model.decoder}
+    limits = {"codes": model.codebook_size, "label": max(1, num_classes or 1)}
+    extra_checks = {"round_trip": round_trip(model, tolerance)}
+    cache = None if prior is None else cache_facts(prior)
+    if cache is not None:  # the cached sampling graphs (export/prior_step.py)
+        specs = vq_graphs(model.image_shape, model.grid, model.code_dim, model.codebook_size, num_classes, cache)
+        modules.update(step_modules(prior))
+        limits.update(step_limits(model.codebook_size))
+        extra_checks["prior_cache"] = cache_check(model.grid, model.codebook_size, num_classes, cache, tolerance)
     if prior is not None:
         modules["prior"] = prior
         history = prior_meta.get("history") or []
@@ -116,10 +125,9 @@ def export_vqvae(model, run_dir: Path, out_dir, *, name: str | None = None, trai
         out_dir, name=name or Path(out_dir).name, kind="vqvae", image=model.image_shape,
         latent={"grid": list(model.grid), "codebook_size": model.codebook_size, "code_dim": model.code_dim},
         likelihood=model.likelihood.to_json(), modules=modules, specs=specs,
-        prior=None if prior is None else {"num_classes": num_classes}, training=training,
-        limits={"codes": model.codebook_size, "label": max(1, num_classes or 1)},
-        comparators={"encoder": codes_comparator(model, tolerance)}, tolerance=tolerance,
-        extra_checks={"round_trip": round_trip(model, tolerance)},
+        prior=None if prior is None else {"num_classes": num_classes, **({"cache": cache} if cache else {})},
+        training=training, limits=limits, comparators={"encoder": codes_comparator(model, tolerance)},
+        tolerance=tolerance, extra_checks=extra_checks,
     )
 
 

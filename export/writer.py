@@ -11,7 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from export.graphs import ExportError
+import onnx
+
+from export.graphs import ExportError, strip_unused_initializers
 from vaeinfer import manifest as manifest_mod
 from vaeinfer._fs import fsync_dir
 from vaeinfer.bundle import MANIFEST
@@ -30,6 +32,7 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
     elsewhere a crash between its two renames leaves a hidden `.old` folder and no `out_dir`.
     """
     out = Path(out_dir)
+    files = clean_graphs(manifest, files)
     manifest_mod.parse(manifest)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise ExportError(f"{out}: exists and is not a bundle directory; refusing to replace it")
@@ -62,6 +65,24 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: dict[str, bytes]) -
     return out
 
 
+def clean_graphs(manifest: dict, files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files with every .onnx graph's unused initializers removed (onnxruntime warns about each
+    when it opens a graph) and the manifest's sha256 of any graph changed updated, in place."""
+    out, changed = {}, {}
+    for name, data in files.items():
+        if name.endswith(".onnx"):
+            model = onnx.load_from_string(data)
+            if strip_unused_initializers(model):
+                data = changed[name] = model.SerializeToString()
+        out[name] = data
+    entries = list(manifest.get("graphs", {}).values())
+    entries += [e for v in (manifest.get("variants") or {}).values() for e in v.get("graphs", {}).values()]
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("file") in changed:
+            entry["sha256"] = sha256(changed[entry["file"]])
+    return out
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
     system cannot, and the caller falls back to two renames, between which a crash leaves `b`
@@ -76,3 +97,13 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def clean_bundle(bundle_dir: str | Path) -> Path:
+    """Re-write an existing bundle through `write_bundle`, dropping its graphs' unused initializers
+    (bundles written before the writer did so); all other bytes stay."""
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    names = {e["file"] for e in manifest["graphs"].values()}
+    names |= {e["file"] for v in (manifest.get("variants") or {}).values() for e in v["graphs"].values()}
+    return write_bundle(bundle_dir, manifest, {name: (bundle_dir / name).read_bytes() for name in sorted(names)})

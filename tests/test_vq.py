@@ -57,13 +57,14 @@ def _torch_model(run):
 def test_bundle_has_three_graphs_a_prior_slot_and_parity_figures(conditional):
     _, model, _ = conditional
     manifest = json.loads((model.bundle.path / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"encoder", "decoder", "prior"}
-    assert manifest["prior"] == {"num_classes": 4}
+    assert set(manifest["graphs"]) == {"encoder", "decoder", "prior", "prior_row", "prior_step"}
+    assert manifest["prior"] == {"num_classes": 4, "cache": {"layers": 2, "channels": 8, "context": 1}}
     assert manifest["latent"] == {"grid": [4, 3], "codebook_size": 16, "code_dim": 4}
     parity = manifest["export"]["parity"]
     assert parity["graphs"]["encoder"]["codes"]["near_tie_fraction"] < 1e-3
     assert parity["graphs"]["prior"]["logits"]["max_abs_err"] <= 1e-4
     assert parity["round_trip"]["max_abs_err"] <= 1e-4
+    assert parity["prior_cache"]["max_abs_err"] <= 1e-4
     assert model.info.has_prior and model.info.num_classes == 4
     assert [i.name for i in model._graphs["prior"].session.get_inputs()] == ["codes", "label"]
 
@@ -101,6 +102,14 @@ def test_sampling_is_seeded_and_honours_top_k_top_p_and_labels(conditional):
         model.sample(2, label=4)
     with pytest.raises(vaeinfer.InputError):
         model.sample(2, top_p=1.5)
+
+
+def test_cached_sampling_draws_the_reference_loops_codes(conditional):
+    _, model, _ = conditional
+    for kwargs in ({}, {"label": 2, "temperature": 2.0}, {"top_k": 5}):
+        fast = model.sample_codes(40, seed=3, batch_size=16, **kwargs)  # the default: cached
+        reference = model.sample_codes(40, seed=3, batch_size=16, cached=False, **kwargs)
+        assert np.mean(fast == reference) >= 0.999
 
 
 def test_first_position_follows_the_prior_distribution(conditional):

@@ -21,7 +21,12 @@ def log_prob(x: np.ndarray, params: np.ndarray, likelihood: dict) -> np.ndarray:
 def mean(params: np.ndarray, likelihood: dict, value_range: tuple[float, float]) -> np.ndarray:
     """The image for decoder parameters: E[x|z] (sigmoid of the logits, or the clipped mean)."""
     if likelihood["kind"] == "bernoulli":
-        out = np.exp(-np.logaddexp(0.0, -params))  # sigmoid without overflow warnings
+        # sigmoid in place: exp(-l) overflows to inf for very negative logits, and 1 / inf is the
+        # right 0 (a third of the time of exp(-logaddexp(0, -l)), which matters at batch 1)
+        with np.errstate(over="ignore"):
+            out = np.exp(np.negative(params))
+        out += 1
+        np.reciprocal(out, out=out)
     else:
         out = np.clip(params, *value_range)
     return out.astype(np.float32, copy=False)

@@ -9,6 +9,8 @@ MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
   1.0: kinds "vae" and "vqvae", graph shapes of fixed sizes after the batch axis.
   1.1: kinds come from the registry (vaeinfer.kinds); a graph's shape may name symbolic axes
        (e.g. "height") besides "batch". Every 1.0 bundle is a valid 1.1 bundle.
+  1.2: a VQ-VAE's optional cached prior graphs (prior.cache, graphs.prior_row / prior_step;
+       vaeinfer.prior_sampling). Without them a bundle samples through the full prior graph.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as
 from vaeinfer.spec import GraphSpec
 
 FORMAT = "vaeinfer-bundle"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 LIKELIHOODS = ("bernoulli", "gaussian")
 PRECISIONS = ("fp32", "fp16", "int8")
+STEP_ROLES = ("prior_row", "prior_step")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
 
@@ -47,7 +50,7 @@ class Manifest:
     likelihood: dict  # {"kind", "scale"?}
     graphs: dict[str, GraphFile]
     variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
-    prior: dict | None  # {"num_classes": int}; VQ only
+    prior: dict | None  # {"num_classes": int, "cache"?: {"layers", "channels", "context"}}; VQ only
     raw: dict = field(repr=False, compare=False)
 
     def specs(self) -> dict[str, GraphSpec]:
@@ -114,7 +117,7 @@ def parse(data: dict) -> Manifest:
             raise BundleError(f"manifest: expected a positive likelihood.scale, got {scale}")
         likelihood["scale"] = float(scale)
 
-    prior = data.get("prior")
+    prior = prior_in = data.get("prior")
     if prior is not None:
         if not entry.prior_slot:
             raise BundleError(f"manifest: a {kind} bundle cannot have a prior")
@@ -122,8 +125,16 @@ def parse(data: dict) -> Manifest:
         if not 0 <= n <= 1 << 16:
             raise BundleError(f"manifest: expected prior.num_classes in [0, 65536], got {n}")
         prior = {"num_classes": n}
+        if prior_in.get("cache") is not None:  # optional (1.2): the cached sampling graphs' facts
+            cache = _get(prior_in, "cache", dict, "prior")
+            prior["cache"] = {"layers": _positive(cache, "layers", "prior.cache", 4096),
+                              "channels": _positive(cache, "channels", "prior.cache"),
+                              "context": _positive(cache, "context", "prior.cache", 64)}
+            if prior["cache"]["layers"] < 2:
+                raise BundleError(f"manifest: expected prior.cache.layers >= 2, got {prior['cache']['layers']}")
     graphs_in = _get(data, "graphs", dict, "")
-    roles = ("encoder", "decoder") + (("prior",) if prior is not None else ())
+    roles = ("encoder", "decoder") + (("prior",) if prior is not None else ()) \
+        + (STEP_ROLES if prior is not None and "cache" in prior else ())
     if set(graphs_in) != set(roles):
         raise BundleError(f"manifest: expected graphs {sorted(roles)}, got {sorted(graphs_in)}")
     graphs = {role: _graph_file(graphs_in[role], f"graphs.{role}") for role in roles}

@@ -28,7 +28,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    role: str  # encoder | decoder | prior
+    role: str  # encoder | decoder | prior | prior_row | prior_step
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -48,10 +48,12 @@ def vae_graphs(image: tuple[int, int, int], latent_dim: int) -> dict[str, GraphS
 
 
 def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int, codebook_size: int,
-              num_classes: int | None = None) -> dict[str, GraphSpec]:
+              num_classes: int | None = None, cache: dict | None = None) -> dict[str, GraphSpec]:
     """VQ-VAE: encoder x -> (codes, z_q); decoder codes -> parameters; prior codes [+ label] -> logits.
 
     `num_classes` None: no prior graph; 0: an unconditional prior; > 0: a class-conditional one.
+    `cache` ({"layers", "channels", "context"}, with a prior only): also the prior's cached
+    sampling graphs, `prior_step_graphs`.
     """
     x = TensorSpec("x", "float32", (BATCH, *image))
     codes = TensorSpec("codes", "int64", (BATCH, *grid))
@@ -62,6 +64,8 @@ def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int,
     if num_classes is not None:
         inputs = (codes, TensorSpec("label", "int64", (BATCH,))) if num_classes > 0 else (codes,)
         graphs["prior"] = GraphSpec("prior", inputs, (TensorSpec("logits", "float32", (BATCH, codebook_size, *grid)),))
+        if cache is not None:
+            graphs.update(prior_step_graphs(grid, codebook_size, num_classes, cache))
     return graphs
 
 
@@ -91,3 +95,30 @@ def example_inputs(spec: GraphSpec, batch: int, seed: int = 0, limits: dict | No
         else:
             out.append(rng.standard_normal(shape, dtype=np.float32))
     return out
+
+
+def prior_step_graphs(grid: tuple[int, int], codebook_size: int, num_classes: int, cache: dict) -> dict[str, GraphSpec]:
+    """The PixelCNN prior's cached sampling graphs (see vaeinfer.prior_sampling), pure functions
+    whose caches travel as inputs and outputs:
+
+    prior_row, once per row: (above (N, k, W) codes of the k rows above [, label]) and
+    v_cache (N, L-1, W, k, C) -> (context (N, W, L, 2C), next_v_cache);
+    prior_step, once per position: (left (N, k) codes of the k positions to the left,
+    h_cache (N, L-1, k, C), context (N, L, 2C) of the column) -> (logits (N, K), next_h_cache).
+    A code equal to K (codebook_size) stands for "outside the grid". L = cache["layers"],
+    C = cache["channels"], k = cache["context"] (kernel // 2).
+    """
+    width, layers, channels, k = grid[1], cache["layers"], cache["channels"], cache["context"]
+    v_cache = (BATCH, layers - 1, width, k, channels)
+    h_cache = (BATCH, layers - 1, k, channels)
+    label = (TensorSpec("label", "int64", (BATCH,)),) if num_classes > 0 else ()
+    return {
+        "prior_row": GraphSpec(
+            "prior_row", (TensorSpec("above", "int64", (BATCH, k, width)), TensorSpec("v_cache", "float32", v_cache), *label),
+            (TensorSpec("context", "float32", (BATCH, width, layers, 2 * channels)),
+             TensorSpec("next_v_cache", "float32", v_cache))),
+        "prior_step": GraphSpec(
+            "prior_step", (TensorSpec("left", "int64", (BATCH, k)), TensorSpec("h_cache", "float32", h_cache),
+                           TensorSpec("context", "float32", (BATCH, layers, 2 * channels))),
+            (TensorSpec("logits", "float32", (BATCH, codebook_size)), TensorSpec("next_h_cache", "float32", h_cache))),
+    }

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from vaeinfer import inputs
+from vaeinfer.prior_sampling import cached_loop, full_grid_loop
 from vaeinfer.errors import BundleError, InputError
 from vaeinfer.results import Codes
 from vaeinfer.runtime import Model
@@ -101,11 +102,15 @@ class VQVAE(Model):
         return np.ascontiguousarray(labels, np.int64)
 
     def sample_codes(self, n: int, seed: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, label=None, batch_size: int | None = None, progress=None) -> np.ndarray:
+                     top_p: float | None = None, label=None, batch_size: int | None = None, progress=None,
+                     cached: bool | None = None) -> np.ndarray:
         """n code grids drawn from the prior, position by position in raster order.
 
         All n grids advance together (one prior call per position for the whole batch, in chunks
-        of `batch_size`); the noise is one seeded uniform per position and grid.
+        of `batch_size`); the noise is one seeded uniform per position and grid. `cached`: use
+        the bundle's cached prior graphs (one new position per layer and step; the default when
+        the bundle has them) or, False, the full prior graph once per position (the reference).
+        The two draw the same codes up to float rounding (see vaeinfer.prior_sampling).
         """
         prior = self._prior()
         n, seed = inputs.count(n), inputs.seed(seed)
@@ -114,28 +119,32 @@ class VQVAE(Model):
             top_k = inputs.count(top_k, "top_k")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+        has_cache = "prior_step" in self._graphs
+        if cached and not has_cache:
+            raise BundleError(f"{self.manifest.name}: this bundle has no cached prior graphs (prior_row, "
+                              "prior_step); re-export it, or sample with cached=False")
         rng = np.random.default_rng(seed)
         labels = self._labels(label, n, rng)
-        h, w = self.grid
-        codes = np.zeros((n, h, w), np.int64)
-        feeds = {"codes": codes} if labels is None else {"codes": codes, "label": labels}
-        for pos in range(h * w):
-            i, j = divmod(pos, w)
-            logits = prior.run(feeds, inputs.batch_size(batch_size))[0][:, :, i, j]
-            codes[:, i, j] = draw(filter_logits(logits, temperature, top_k, top_p), rng)
-            if progress is not None:
-                progress(n * (pos + 1) // (h * w))
-        return codes
+        batch = inputs.batch_size(batch_size)
+
+        def choose(logits):
+            return draw(filter_logits(logits, temperature, top_k, top_p), rng)
+
+        if has_cache and cached is not False:
+            return cached_loop(self._graphs["prior_row"], self._graphs["prior_step"], n, self.grid, self.codebook_size,
+                               self.manifest.prior["cache"], labels, choose, batch, progress)
+        return full_grid_loop(prior, n, self.grid, labels, choose, batch, progress)
 
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, label=None, batch_size: int | None = None, progress=None) -> np.ndarray:
+               top_p: float | None = None, label=None, batch_size: int | None = None, progress=None,
+               cached: bool | None = None) -> np.ndarray:
         """n images: code grids from the prior (see `sample_codes`), decoded.
 
         temperature divides the prior's logits; top_k / top_p restrict each draw to the k likeliest
         codes / the smallest set holding probability top_p; label (an int or n ints) picks the
         class of a class-conditional prior (None: classes drawn uniformly).
         """
-        codes = self.sample_codes(n, seed, temperature, top_k, top_p, label, batch_size, progress)
+        codes = self.sample_codes(n, seed, temperature, top_k, top_p, label, batch_size, progress, cached)
         return self.decode(codes, batch_size)
 
     def prior_nll(self, codes, label=None, batch_size: int | None = None) -> np.ndarray:

@@ -36,13 +36,16 @@ def feeds_from_encoder(manifest, enc, labels, rng) -> dict:
 
 def _graphs(m) -> dict:
     return vq_graphs(m.image, tuple(m.latent["grid"]), m.latent["code_dim"], m.latent["codebook_size"],
-                     None if m.prior is None else m.prior["num_classes"])
+                     None if m.prior is None else m.prior["num_classes"],
+                     None if m.prior is None else m.prior.get("cache"))
 
 
 def _limits(m) -> dict:
     limits = {"codes": m.latent["codebook_size"]}
     if m.prior is not None and m.prior["num_classes"] > 0:
         limits["label"] = m.prior["num_classes"]
+    if m.prior is not None and m.prior.get("cache"):  # the cached graphs' code inputs: K is the padding code
+        limits.update(above=m.latent["codebook_size"] + 1, left=m.latent["codebook_size"] + 1)
     return limits
 
 

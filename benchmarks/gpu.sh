@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU run, prepared: on a machine with an NVIDIA GPU, install onnxruntime-gpu into a venv of
+# its own, check that it has the CUDA provider, run the CUDA tests and the CUDA benchmark, and
+# write the results under benchmarks/results/ (gpu.md, gpu.json, gpu.png, gpu-tests.txt,
+# gpu-run.md). Every step has its own time limit; the limits add up to 460 s, under 8 minutes.
+#
+#   bash benchmarks/gpu.sh [--dry-run] [WHEEL]
+#
+# WHEEL (or $ORT_GPU_WHEEL): an onnxruntime-gpu wheel file to install (e.g. one reassembled under
+# /tmp on a machine without PyPI); without one, onnxruntime-gpu comes from PyPI.
+# $PYTHON: the interpreter with vaeinfer's dependencies (default: .venv/bin/python, else python3);
+# the GPU venv is made from it with --system-site-packages, so torch/numpy are reused.
+# --dry-run: print the steps and check that the files they need exist; install and run nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+wheel="${ORT_GPU_WHEEL:-}"
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) wheel="$arg" ;;
+  esac
+done
+python="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+venv=.gpu-venv
+results=benchmarks/results
+cuda_tests=(tests/test_io_binding.py tests/test_runtime.py tests/test_cli.py tests/test_bench.py)
+start=$(date +%s)
+
+step() {  # step SECONDS DESCRIPTION COMMAND...: run with a time limit, or print it in a dry run
+  local limit=$1 what=$2
+  shift 2
+  echo "== [$(( $(date +%s) - start ))s] $what (limit ${limit}s)"
+  echo "   $*"
+  if [ "$dry" = 1 ]; then return 0; fi
+  timeout --signal=INT --kill-after=10 "$limit" "$@"
+}
+
+need() {  # the files a step uses must exist (checked in the dry run too)
+  for f in "$@"; do
+    [ -e "$f" ] || { echo "gpu.sh: missing $f"; exit 1; }
+  done
+}
+
+need benchmarks/run.py "${cuda_tests[@]}" vaeinfer/models
+if [ -n "$wheel" ]; then need "$wheel"; fi
+command -v timeout >/dev/null || { echo "gpu.sh: needs coreutils timeout"; exit 1; }
+if [ "$dry" = 0 ]; then
+  command -v nvidia-smi >/dev/null && nvidia-smi -L || { echo "gpu.sh: no NVIDIA GPU (nvidia-smi)"; exit 1; }
+fi
+mkdir -p "$results"
+
+step 40 "venv for onnxruntime-gpu (reusing $python's packages)" \
+  bash -c "rm -rf $venv && $python -m venv --system-site-packages $venv"
+# the CPU onnxruntime must not shadow the GPU one: uninstall it in the venv's view first
+step 110 "install onnxruntime-gpu ${wheel:-from PyPI}" \
+  bash -c "$venv/bin/pip uninstall -y -q onnxruntime >/dev/null 2>&1 || true; \
+           $venv/bin/pip install -q --no-deps ${wheel:-onnxruntime-gpu} && \
+           $venv/bin/pip install -q ${wheel:-onnxruntime-gpu}"
+step 20 "the CUDA provider is available" \
+  "$venv/bin/python" -c "import onnxruntime as o; p = o.get_available_providers(); print(o.__version__, p); \
+assert 'CUDAExecutionProvider' in p, p"
+step 120 "CUDA tests (IO binding, CUDA graphs, device='cuda' errors)" \
+  bash -c "PYTHONPATH=\$PWD $venv/bin/python -m pytest -q -x -p no:cacheprovider -k 'cuda or binding or device' \
+           ${cuda_tests[*]} 2>&1 | tee $results/gpu-tests.txt; exit \${PIPESTATUS[0]}"
+step 170 "python benchmarks/run.py --device cuda" \
+  bash -c "PYTHONPATH=\$PWD $venv/bin/python benchmarks/run.py --device cuda --no-coldstart --min-time 0.5 \
+           --note 'benchmarks/gpu.sh' > $results/gpu-run.md"
+echo "== done in $(( $(date +%s) - start ))s; results: $results/gpu.md $results/gpu.json $results/gpu-tests.txt"

@@ -1,0 +1,114 @@
+"""Per-call overhead of the vaeinfer runtime at batch 1: `encode(x)` / `decode(z)` against the same
+graph's own `session.run` plus the same host transform (the numpy sigmoid of a Bernoulli decoder;
+nothing for an encoder), for every bundled model. Target: <= max(10 us, 5 %).
+
+Calls are timed in interleaved blocks (a slow moment of the machine hits both); the figure per
+runner is the median over blocks of the per-call mean. Writes benchmarks/results/overhead.{json,md}.
+
+    python benchmarks/overhead.py [--blocks 200] [--calls 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import vaeinfer
+from vaeinfer import bench as vbench
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sigmoid(p):
+    return 1 / (1 + np.exp(-p))
+
+
+def runners(m) -> dict:
+    """graph -> (vaeinfer call, raw call) on the same session and input."""
+    rng = np.random.default_rng(0)
+    x = rng.random((1, *m.manifest.image), dtype=np.float32)
+    enc, dec = m._graphs["encoder"].session, m._graphs["decoder"].session
+    enc_out = [o.name for o in enc.get_outputs()]
+    if m.info.kind == "vae":
+        z = rng.standard_normal((1, m.manifest.latent["dim"]), dtype=np.float32)
+        feed, api_in = {"z": z}, z
+    else:
+        codes = m.encode(x).codes
+        feed, api_in = {"codes": codes}, codes
+    bernoulli = m.manifest.likelihood["kind"] == "bernoulli"
+    transform = sigmoid if bernoulli else (lambda p: np.clip(p, *m.manifest.value_range))
+    return {
+        "encode": (lambda: m.encode(x), lambda: enc.run(enc_out, {"x": x})),
+        "decode": (lambda: m.decode(api_in), lambda: transform(dec.run(["params"], feed)[0])),
+    }
+
+
+def interleaved(a, b, blocks: int, calls: int) -> tuple[float, float]:
+    for _ in range(200):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(blocks):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - t0) / calls)
+    return float(np.median(ta)), float(np.median(tb))
+
+
+def measure(blocks: int, calls: int, models=None, threads: int | None = None) -> dict:
+    rows = []
+    for name in models or vaeinfer.available_models():
+        m = vaeinfer.load(name, device="cpu", threads=threads)
+        for op, (api, raw) in runners(m).items():
+            v, o = interleaved(api, raw, blocks, calls)
+            limit = max(10e-6, 0.05 * o)
+            rows.append({"model": name, "op": op, "vaeinfer_us": v * 1e6, "session_run_us": o * 1e6,
+                         "overhead_us": (v - o) * 1e6, "overhead_pct": (v - o) / o * 100, "limit_us": limit * 1e6,
+                         "met": v - o <= limit})
+            print(f"{name} {op}: vaeinfer {v * 1e6:.1f} us, session.run {o * 1e6:.1f} us, "
+                  f"overhead {(v - o) * 1e6:+.1f} us", file=sys.stderr, flush=True)
+    return {"command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]), "machine": vbench.machine(),
+            "onnxruntime_version": ort.__version__, "threads": threads, "blocks": blocks, "calls_per_block": calls, "rows": rows,
+            "met": all(r["met"] for r in rows)}
+
+
+def markdown(r: dict) -> str:
+    mach = r["machine"]
+    lines = [f"# Per-call overhead at batch 1 (onnxruntime {r['onnxruntime_version']})", "",
+             f"Command: `{r['command']}`  ", f"Machine: {mach.get('cpu')}, {mach.get('cpus_usable')} usable CPUs, "
+             f"{mach.get('date')}, onnxruntime threads: {r['threads'] or 'default'}", "",
+             "vaeinfer's `encode(x)` / `decode(z)` against `session.run` on the same session plus the same host "
+             "transform; target overhead <= max(10 us, 5 %).", "",
+             "| model | op | vaeinfer us | session.run (+ transform) us | overhead us | overhead % | limit us | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['model']} | {x['op']} | {x['vaeinfer_us']:.1f} | {x['session_run_us']:.1f} | "
+                     f"{x['overhead_us']:+.1f} | {x['overhead_pct']:+.1f} | {x['limit_us']:.1f} | {x['met']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: vaeinfer's)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    report = measure(args.blocks, args.calls, threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "overhead.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
