@@ -1,10 +1,11 @@
 """vaeinfer.tiling: tiled == untiled away from the seams, bounded and smooth at the seams.
 
 Bounds checked here (and quoted in the README):
-- a local function (receptive field r output pixels): bit-identical outside the overlaps; in an
-  overlap of o output pixels, |tiled - untiled| <= ramp((r + 0.5) / o) * (max - min of the
-  output), ramp(t) = sin^2(pi t / 2) for the cosine blend (the only tiles with wrong pixels there
-  weigh at most that much).
+- a local function whose tile outputs are wrong only within r output pixels of a tile's edge
+  (where the tile cuts its receptive field): bit-identical outside the overlaps; in overlaps of
+  o >= 2 r output pixels, |tiled - untiled| <= ramp((r - 0.5) / o) * (max - min of the output),
+  ramp(t) = sin^2(pi t / 2) for the cosine blend (at most one tile is wrong at a pixel there,
+  and it weighs at most that much).
 - a global function (each tile adds its own mean m_i): the error is a blend of the m_i - m, so
   no worse than max |m_i - m|, and continuous: neighbouring output pixels' errors differ by at
   most (max m_i - min m_i) * pi / (2 o), against the full max m_i - min m_i of a hard seam.
@@ -34,9 +35,9 @@ def blur3(a: np.ndarray) -> np.ndarray:
 
 
 def fake_decoder(z: np.ndarray) -> np.ndarray:
-    """A local 'decoder': 3x3 blur of the latents, nearest 8x upsampling, 3x3 blur of the pixels.
-    An output pixel depends on the latents within 2 latent pixels, i.e. its receptive field ends
-    within r = 16 + 8 output pixels of it; 3 output channels."""
+    """A local 'decoder': 3x3 blur of the latents, nearest 8x upsampling, 3x3 blur of the pixels;
+    3 output channels. On a tile, the edge padding makes the first blurred latent (8 pixels) wrong,
+    and the pixel blur one pixel more: r = 9 wrong output pixels along each cut edge."""
     up = np.repeat(np.repeat(blur3(z), 8, axis=2), 8, axis=3)
     return np.ascontiguousarray(blur3(up)[:, :3])
 
@@ -65,8 +66,9 @@ def test_local_function_exact_away_from_seams_and_bounded_in_them():
     seams = seam_mask((40, 29), tile, overlap, 8)
     assert seams.any() and (~seams).any()
     np.testing.assert_array_equal(tiled[..., ~seams], full[..., ~seams])
-    r, o = 16 + 8, overlap * 8
-    bound = math.sin(0.5 * math.pi * (r + 0.5) / o) ** 2 * float(full.max() - full.min())
+    r, o = 9, overlap * 8
+    assert o >= 2 * r
+    bound = math.sin(0.5 * math.pi * (r - 0.5) / o) ** 2 * float(full.max() - full.min())
     err = np.abs(tiled - full)[..., seams].max()
     assert 0 < err <= bound
 
