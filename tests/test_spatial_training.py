@@ -112,3 +112,30 @@ def test_cli_default_likelihood_and_bad_combinations(rgb_folder, tmp_path):
     assert r.exit_code == 2 and "--latent-dim does not apply" in r.output
     r = cli(*train_args(rgb_folder, tmp_path / "x", "--image-size", "30"))
     assert r.exit_code != 0 and "multiples of downsample 4" in r.output
+
+
+def test_trained_modules_trace_with_dynamic_height_and_width(tmp_path):
+    """The encoder and decoder export (torch.onnx, dynamo) with symbolic H, W and run at a size
+    they were not traced at, matching PyTorch: what export/spatial.py relies on."""
+    ort = pytest.importorskip("onnxruntime")
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = build_model("spatial-conv-vae", (3, 16, 16), Likelihood("gaussian", 0.1), **TINY).eval()
+    hk, wk = Dim("hk", min=1, max=64), Dim("wk", min=1, max=64)
+    graphs = {"encoder": (model.encoder, torch.rand(2, 3, 16, 16) * 2 - 1, {0: Dim("n"), 2: 4 * hk, 3: 4 * wk}),
+              "decoder": (model.decoder, torch.randn(2, 2, 4, 4), {0: Dim("n"), 2: hk, 3: wk})}
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 24, 40)).astype(np.float32)
+    feeds = {"encoder": x, "decoder": np.random.default_rng(1).standard_normal((3, 2, 6, 10)).astype(np.float32)}
+    for name, (module, example, dims) in graphs.items():
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=(dims,), external_data=False,
+                          verbose=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: feeds[name]})
+        with torch.no_grad():
+            want = module(torch.from_numpy(feeds[name]))
+        want = want if isinstance(want, tuple) else (want,)
+        assert [g.shape for g in got] == [tuple(w.shape) for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.numpy(), atol=1e-4)
