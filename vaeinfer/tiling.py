@@ -100,9 +100,9 @@ def tiled_apply(fn: Callable, array: np.ndarray, tile, overlap, factor, *, multi
             raise OutputError(f"tiling: the function's outputs changed between calls: {[p.shape for p in parts]}")
         for k, (i, a, b) in enumerate(chunk):
             y0, x0 = int(ys[a] * factor), int(xs[b] * factor)
-            w = (wys[a][:, None] * wxs[b][None, :])
+            w = wys[a][:, None] * wxs[b][None, :]
             for p, o in zip(parts, outs):
-                o[i, :, y0:y0 + out_h, x0:x0 + out_w] += p[k] * w.astype(p.dtype, copy=False)
+                o[i, :, y0:y0 + out_h, x0:x0 + out_w] += p[k] * w.astype(p.dtype)
             if progress is not None:
                 progress(first + k + 1, len(jobs))
     if isinstance(result, tuple):
