@@ -103,7 +103,7 @@ def test_conv_vae_any_size(shape, channels):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-@pytest.mark.parametrize("kind,scale", [("bernoulli", None), ("gaussian", 0.3)])
+@pytest.mark.parametrize("kind,scale", [("bernoulli", None), ("gaussian", 0.3), ("laplace", 0.2)])
 def test_runtime_likelihood_equals_training_likelihood(kind, scale):
     """vaeinfer.likelihood (numpy) computes the same log p(x|z) and image as training.likelihood (torch)."""
     from training.likelihood import Likelihood
@@ -113,7 +113,7 @@ def test_runtime_likelihood_equals_training_likelihood(kind, scale):
     x = rng.random((4, 1, 5, 6)).astype(np.float32)
     x[0] = x[0] > 0.5
     params = (rng.standard_normal((4, 1, 5, 6)) * 30).astype(np.float32)  # confident logits too
-    if kind == "gaussian":
+    if kind != "bernoulli":
         params = rng.random((4, 1, 5, 6)).astype(np.float32) * 1.4 - 0.2
     torch_lik = Likelihood(kind, scale)
     expected = torch_lik.log_prob(torch.from_numpy(x).double(), torch.from_numpy(params).double()).numpy()

@@ -155,7 +155,7 @@ class _ShardedLoss:
         eps = None
         if self.draws_eps:
             # the whole global batch's noise, in the order one process draws it; keep our rows
-            eps = torch.randn((n, self.model.latent_dim), generator=generator, device=x.device, dtype=x.dtype)
+            eps = torch.randn((n, *self.model.latent_shape), generator=generator, device=x.device, dtype=x.dtype)
             eps = eps[start:stop]
         local = self.ddp(x[start:stop], target[start:stop], beta, generator, eps)
         rows = stop - start

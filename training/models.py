@@ -147,20 +147,26 @@ class VAE(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim_of(encoder, self.image_shape)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One image's latent: (latent_dim,) here, (c, h, w) for `training.spatial.SpatialVAE`."""
+        return (self.latent_dim,)
+
     def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
         """Per-batch means of loss, recon (-log p(x|z)) and kl, in nats per image.
 
         `x` is what the encoder sees and `target` what the decoder must explain (they differ
         with dynamic binarization). `eps`, the reparameterisation noise (N, latent), is drawn
         from `generator` when not given (data-parallel training passes each rank its rows of
-        the global batch's noise).
+        the global batch's noise). The KL is summed over every latent axis (a spatial latent's
+        c, h and w too).
         """
         mean, logvar = self.encoder(x)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
         recon = -self.likelihood.log_prob(target, self.decoder(z))
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
         return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
@@ -192,7 +198,7 @@ def _vae(builder):
 # arch name -> build(image_shape, likelihood, **constructor_args) -> a module with .loss();
 # the modules of _REGISTERED_BY add theirs when imported.
 ARCHITECTURES = {"mlp-vae": _vae(build_mlp_vae), "conv-vae": _vae(build_conv_vae)}
-_REGISTERED_BY = {"vqvae": "training.vqvae"}
+_REGISTERED_BY = {"vqvae": "training.vqvae", "spatial-conv-vae": "training.spatial"}
 
 
 def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Module:

@@ -48,8 +48,9 @@ class TrainConfig(JsonConfig):
     image_size: list[int] | None = None  # [H, W]; default: the data's own
     channels: int | None = None  # 1 or 3; default: the data's own
     model_args: dict = field(default_factory=dict)  # the architecture's constructor arguments
-    likelihood: str = "bernoulli"
+    likelihood: str = "bernoulli"  # or "gaussian", "laplace"
     gaussian_scale: float = 0.1
+    laplace_scale: float = 0.1
     binarize: str = "none"  # "dynamic": each step draws a binary image from the pixel intensities
     beta: float = 1.0  # KL weight (beta-VAE)
     kl_warmup_epochs: float = 0.0
@@ -71,7 +72,8 @@ class TrainConfig(JsonConfig):
         self.check_schedule()
 
     def likelihood_obj(self) -> Likelihood:
-        return Likelihood(self.likelihood, self.gaussian_scale if self.likelihood == "gaussian" else None)
+        scales = {"gaussian": self.gaussian_scale, "laplace": self.laplace_scale}
+        return Likelihood(self.likelihood, scales.get(self.likelihood))
 
 
 def prepare_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator):
@@ -127,6 +129,7 @@ def save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, p
         "arch": config.arch,
         "model_args": config.model_args,
         "image_shape": list(image_shape),
+        "value_range": list(getattr(model, "value_range", (0.0, 1.0))),  # what the exported graphs take and give
         "likelihood": config.likelihood_obj().to_json(),
         "config": asdict(config),
         "data": data_facts,

@@ -46,15 +46,26 @@ def _ints(text: str | None):
 @click.option("--arch", type=click.Choice(["mlp-vae", "conv-vae", "vqvae"]), default="conv-vae", show_default=True)
 @click.option("--image-size", default=None, help="Resize to H or HxW (default: the data's size).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.")
+@click.option("--latent", type=click.Choice(["flat", "spatial"]), default="flat", show_default=True,
+              help="conv-vae: a latent vector (N, Z), or a spatial latent (N, C, H/f, W/f) like latent-diffusion "
+                   "autoencoders (fully convolutional, images in [-1, 1], any H, W multiple of f at run time).")
+@click.option("--downsample", type=click.Choice(["2", "4", "8", "16"]), default=None,
+              help="--latent spatial: the downsampling factor f (default 8); --conv-channels takes log2 f widths.")
+@click.option("--latent-channels", type=click.IntRange(min=1), default=None,
+              help="--latent spatial: latent channels C (default 4).")
 @click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="VAE latent size (default 32).")
 @click.option("--hidden", default=None, help="mlp-vae hidden widths, e.g. 512,256.")
 @click.option("--conv-channels", default=None, help="conv-vae / vqvae widths per stride-2 stage, e.g. 32,64.")
 @click.option("--blocks", type=click.IntRange(min=0), default=None, help="Residual blocks at the lowest resolution.")
 @click.option("--codebook-size", type=click.IntRange(min=2), default=None, help="vqvae: codebook size K.")
 @click.option("--code-dim", type=click.IntRange(min=1), default=None, help="vqvae: code dimension D.")
-@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), default="bernoulli", show_default=True,
-              help="bernoulli for (near-)binary images like MNIST; gaussian for natural images.")
-@click.option("--gaussian-scale", type=float, default=0.1, show_default=True, help="The Gaussian's fixed std.")
+@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian", "laplace"]), default="bernoulli",
+              show_default=True, help="bernoulli for (near-)binary images like MNIST; gaussian (L2) or laplace (L1) "
+                                      "for natural images (--latent spatial: default gaussian).")
+@click.option("--gaussian-scale", type=float, default=0.1, show_default=True,
+              help="The Gaussian's fixed std (in the model's value range: [-1, 1] units for --latent spatial).")
+@click.option("--laplace-scale", type=float, default=0.1, show_default=True,
+              help="The Laplace's fixed scale b (in the model's value range, like --gaussian-scale).")
 @click.option("--binarize", type=click.Choice(["none", "dynamic"]), default="none", show_default=True)
 @click.option("--beta", type=float, default=1.0, show_default=True, help="KL weight (beta-VAE).")
 @click.option("--kl-warmup", type=float, default=0.0, show_default=True, help="Epochs of linear KL warm-up.")
@@ -76,7 +87,8 @@ def _ints(text: str | None):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train(ctx, config_file, resume, out, quiet, **flags):
-    """Train a VAE, beta-VAE or VQ-VAE into a run folder (checkpoint, metrics, loss curve, samples)."""
+    """Train a VAE, beta-VAE, spatial-latent VAE or VQ-VAE into a run folder (checkpoint, metrics, loss
+    curve, samples)."""
     _training_side()
     from training.train import TrainConfig, train as run
 
@@ -84,15 +96,30 @@ def train(ctx, config_file, resume, out, quiet, **flags):
     base = json.loads(Path(config_file).read_text()) if config_file else {}
     arch = flags["arch"] if "arch" in explicit or not base else base.get("arch", flags["arch"])
     model_args = dict(base.get("model_args", {}))
+    if flags["latent"] == "spatial":
+        if arch != "conv-vae":
+            raise click.UsageError(f"--latent spatial takes --arch conv-vae, got --arch {arch}")
+        arch = "spatial-conv-vae"
+        for flag in ("latent_dim", "hidden", "codebook_size", "code_dim"):
+            if flags[flag] is not None:
+                raise click.UsageError(f"--{flag.replace('_', '-')} does not apply to --latent spatial "
+                                       "(its options: --downsample, --latent-channels, --conv-channels, --blocks)")
+        if "likelihood" not in explicit:  # bernoulli's default does not fit images in [-1, 1]
+            flags["likelihood"] = "gaussian"
+    elif arch != "spatial-conv-vae" and (flags["downsample"] or flags["latent_channels"]):
+        raise click.UsageError("--downsample and --latent-channels take --latent spatial")
+    if flags["downsample"]:
+        model_args["downsample"] = int(flags["downsample"])
     for flag, key in (("latent_dim", "latent_dim"), ("blocks", "blocks"), ("codebook_size", "codebook_size"),
-                      ("code_dim", "code_dim")):
+                      ("code_dim", "code_dim"), ("latent_channels", "latent_channels")):
         if flags[flag] is not None:
             model_args[key] = flags[flag]
     if flags["hidden"]:
         model_args["hidden"] = _ints(flags["hidden"])
     if flags["conv_channels"]:
         model_args["channels"] = _ints(flags["conv_channels"])
-    simple = {"data": "data", "likelihood": "likelihood", "gaussian_scale": "gaussian_scale", "binarize": "binarize",
+    simple = {"data": "data", "likelihood": "likelihood", "gaussian_scale": "gaussian_scale",
+              "laplace_scale": "laplace_scale", "binarize": "binarize",
               "beta": "beta", "kl_warmup": "kl_warmup_epochs", "epochs": "epochs", "batch_size": "batch_size",
               "lr": "lr", "lr_schedule": "lr_schedule", "val_fraction": "val_fraction", "seed": "seed",
               "device": "device", "threads": "threads", "checkpoint_every": "checkpoint_every", "max_steps": "max_steps"}
