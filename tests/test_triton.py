@@ -95,7 +95,8 @@ def test_vae_repository_matches_the_graphs(mlp, tmp_path):
 def test_vq_repository_with_a_conditional_prior(vq_bundle, tmp_path):
     written = write_model_repository(vq_bundle, tmp_path / "repo", kind="gpu", instances=2, gpus=[0],
                                      preferred_batch_sizes=[8, 32], max_queue_delay_us=500, max_batch_size=32)
-    assert set(written) == {"encoder", "decoder", "prior"}
+    # every graph of the bundle, the cached prior graphs (prior_row, prior_step) included
+    assert set(written) == {"encoder", "decoder", "prior", "prior_row", "prior_step"}
     for role, folder in written.items():
         config = read_config(folder)
         assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == \
