@@ -1,4 +1,4 @@
-"""Image and array files: PNG grids out, PNG/JPEG or .npy/.npz in. Pillow and numpy only."""
+"""Image and array files: PNG/JPEG/WebP grids out, PNG/JPEG or .npy/.npz in. Pillow and numpy only."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ from vaeinfer._fs import atomic_path
 from vaeinfer.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _writable(suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The suffixes whose format this Pillow build can write (WebP needs libwebp)."""
+    Image.init()
+    return tuple(s for s in suffixes if Image.registered_extensions().get(s) in Image.SAVE)
+
+
+# grids can be written in these; lossy formats get a high quality (digits have sharp edges)
+GRID_SUFFIXES = _writable((".png", ".jpg", ".jpeg", ".webp"))
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -32,11 +43,21 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid, atomically."""
+    """Write images (N, C, H, W) in [0, 1] as one grid, atomically: PNG, or JPEG/WebP by the
+    suffix (see GRID_SUFFIXES)."""
     path = Path(path)
+    fmt = grid_format(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format="PNG")
+        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
     return path
+
+
+def grid_format(path: str | Path) -> str:
+    """Pillow's format name for a grid file name, or InputError for a suffix it cannot write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in GRID_SUFFIXES:
+        raise InputError(f"{path}: expected an image file ending in {' or '.join(GRID_SUFFIXES)}")
+    return Image.registered_extensions()[suffix]
 
 
 def save_arrays(path: str | Path, **arrays: np.ndarray) -> Path:
