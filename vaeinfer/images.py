@@ -22,7 +22,7 @@ def _writable(suffixes: tuple[str, ...]) -> tuple[str, ...]:
 
 # grids can be written in these; lossy formats get a high quality (digits have sharp edges)
 GRID_SUFFIXES = _writable((".png", ".jpg", ".jpeg", ".webp"))
-_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> 
     path = Path(path)
     fmt = grid_format(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
     return path
 
 
@@ -87,15 +87,20 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -> np.ndarray:
     """Image files -> float32 (N, C, H, W) in [0, 1]; each must already be H x W."""
+    return np.stack([read_image(p, channels, size, str(p)).astype(np.float32) / 255.0 for p in paths])
+
+
+def read_image(source, channels: int, size: tuple[int, int], what: str) -> np.ndarray:
+    """One image (a path or a binary file object) -> uint8 (C, H, W); it must already be H x W.
+    The size is checked before any pixel is decoded (a small file can hold a huge image)."""
     mode = "L" if channels == 1 else "RGB"
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                a = np.asarray(im.convert(mode), np.float32) / 255.0
-        except (OSError, ValueError) as e:
-            raise InputError(f"{p}: expected an image file ({e})") from e
-        if a.shape[:2] != tuple(size):
-            raise InputError(f"{p}: expected an image of {size[0]}x{size[1]} pixels, got {a.shape[0]}x{a.shape[1]}")
-        out.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-    return np.stack(out)
+    try:
+        with Image.open(source) as im:
+            if (im.height, im.width) != tuple(size):
+                raise InputError(f"{what}: expected an image of {size[0]}x{size[1]} pixels, got {im.height}x{im.width}")
+            a = np.asarray(im.convert(mode), np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{what}: expected an image file ({e})") from e
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
