@@ -117,7 +117,9 @@ async def _score(s: Served, p: Payload):
 
 
 async def _interpolate(s: Served, p: Payload):
-    a, b = (s.rows(Payload({k: p.arrays[k]} if k in p.arrays else {}), (k,), k) for k in ("a", "b"))
+    if not {"a", "b"} <= set(p.arrays):
+        raise ApiError(400, f"interpolate: expected two arrays (or images) named a and b, got: {', '.join(p.arrays) or 'none'}")
+    a, b = (s.rows(Payload({k: p.arrays[k]}), (k,), k) for k in ("a", "b"))
     steps = p.params.get("steps", 8)
     if isinstance(steps, int) and steps * len(a) > s.config.max_rows:
         raise ApiError(413, f"{len(a)} pairs x {steps} steps; the limit is {s.config.max_rows} images (--max-rows)")
@@ -266,9 +268,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         except ApiError as e:
             return _error(e.status, e.message)
 
-    @app.get("/healthz", summary="The process is up.")
+    @app.get("/healthz", summary="The process is up (and how many requests it holds).")
     async def healthz():
-        return {"status": "ok"}
+        return {"status": "ok", "in_flight": state["in_flight"]}
 
     @app.get("/readyz", summary="Models loaded and the server accepting work (503 while starting or stopping).")
     async def readyz():

@@ -46,10 +46,12 @@ class Batcher:
         if self.max_batch <= 1 or len(rows) >= self.max_batch:  # nothing to merge with: run it now
             self.on_batch(len(rows), 1)
             return await run_in_threadpool(self.fn, rows)
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            # first call, or on a new event loop (an app is served by one loop, tests may use several)
+            self._pending, self._wake = deque(), asyncio.Event()
+            self._task = loop.create_task(self._loop())
+        future = loop.create_future()
         self._pending.append((rows, future))
         self._wake.set()
         return await future

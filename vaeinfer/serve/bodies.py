@@ -86,7 +86,7 @@ async def parse(request, body: bytes, image_shape: tuple[int, int, int], limit: 
     elif kind in IMAGE_TYPES:
         payload.arrays["x"] = load_image(body, image_shape, "body")
     elif kind == "multipart/form-data":
-        await _form(request, payload, image_shape)
+        await _form(request.headers, body, payload, image_shape, limit)
     else:
         raise ApiError(415, f"Content-Type {kind!r}: expected one of {', '.join(REQUEST_TYPES)}")
     return payload
@@ -166,9 +166,14 @@ def load_image(data: bytes, image_shape: tuple[int, int, int], what: str) -> np.
         raise ApiError(422 if "pixels" in str(e) else 400, str(e)) from None
 
 
-async def _form(request, payload: Payload, image_shape) -> None:
+async def _form(headers, body: bytes, payload: Payload, image_shape, limit: int) -> None:
+    from starlette.formparsers import MultiPartParser
+
+    async def chunks():  # the body is already read (and bounded): parse it from memory
+        yield body
+
     try:
-        form = await request.form(max_files=8, max_fields=32)
+        form = await MultiPartParser(headers, chunks(), max_files=8, max_fields=32, max_part_size=limit).parse()
     except Exception as e:  # python-multipart's and Starlette's parse errors have no common base
         raise ApiError(400, f"body: expected a multipart form ({type(e).__name__}: {str(e)[:200]})") from None
     for key, value in form.multi_items():
