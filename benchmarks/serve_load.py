@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -67,12 +68,15 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, then its exit status: 0 for a clean shutdown (uvicorn re-raises the signal once it
+    has shut down gracefully, so -SIGTERM counts as clean too), else the real status."""
     proc.terminate()
     try:
-        return proc.wait(timeout)
+        code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+    return 0 if code == -signal.SIGTERM else code
 
 
 def npy(a: np.ndarray) -> bytes:
