@@ -9,7 +9,9 @@ every response must equal the in-process `model.decode` of the same latent bit f
 mismatch or an error fails the run). Per mode: throughput, p50/p99 latency, and the batch sizes
 the server formed (from its /metrics). Modes: "one request per call" (--max-batch 1: each request
 is its own onnxruntime call, calls run concurrently in the server's thread pool) and
-"micro-batching" (--max-batch 32 --max-wait-ms 2). Writes benchmarks/results/serve.{json,md}.
+"micro-batching" (--max-batch 32 --max-wait-ms 2), both servers up at once and measured in
+alternating rounds (load from other work on a shared machine falls on both alike). Writes
+benchmarks/results/serve.{json,md}.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ async def _run(port: int, bodies: list[bytes], expected: list[np.ndarray], clien
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "failures": failures, "wall_s": wall, "throughput_rps": len(latencies) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "latencies_ms": ms, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "batches": batch_sizes(metrics, model, "decode")}
 
 
@@ -184,20 +186,54 @@ def measure(mode_flags: list[str], clients: int, requests: int, time_limit: floa
     return result
 
 
+def interleaved(clients: int, requests: int, rounds: int, time_limit: float, model: str, work) -> dict:
+    """Both servers up at once, measured in alternating rounds, so that load from other processes
+    on a shared machine falls on both modes alike; per mode: all rounds' latencies, throughput =
+    requests / summed wall time, and the median of the rounds' throughputs."""
+    bodies, expected = work
+    servers = {}
+    try:
+        for name, flags in MODES.items():
+            port = free_port()
+            servers[name] = (port, start_server(port, *flags, model=model))
+        runs = {name: [] for name in MODES}
+        for name, (port, _) in servers.items():  # warm-up
+            runs[name].append(asyncio.run(_run(port, bodies, expected, clients, 2 * clients, time_limit, model)))
+        for _ in range(rounds):
+            for name, (port, _) in servers.items():
+                runs[name].append(asyncio.run(_run(port, bodies, expected, clients, requests // rounds, time_limit, model)))
+    finally:
+        codes = {name: stop_server(proc) for name, (_, proc) in servers.items()}
+    results = {}
+    for name, rs in runs.items():
+        warm, measured = rs[0], rs[1:]
+        n = sum(r["requests"] for r in measured)
+        wall = sum(r["wall_s"] for r in measured)
+        ms = np.concatenate([r["latencies_ms"] for r in measured])
+        calls = measured[-1]["batches"]["calls"] - warm["batches"]["calls"]
+        results[name] = {"requests": n, "wall_s": wall, "throughput_rps": n / wall,
+                         "round_throughputs_rps": [round(r["throughput_rps"], 1) for r in measured],
+                         "median_round_rps": float(np.median([r["throughput_rps"] for r in measured])),
+                         "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                         "batches": {"calls": calls, "mean_rows": n / max(1, calls),
+                                     "cumulative_le": measured[-1]["batches"]["cumulative_le"]},
+                         "failures": [f for r in rs for f in r["failures"]], "exit_code": codes[name]}
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per mode (the run fails past it)")
+    p.add_argument("--requests", type=int, default=3000, help="per mode, over all rounds")
+    p.add_argument("--rounds", type=int, default=6, help="alternating rounds per mode")
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per round (the run fails past it)")
     p.add_argument("--model", default="mnist-vae")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    work = workload(args.model)
-    results = {}
-    for name, flags in MODES.items():
-        results[name] = r = measure(flags, args.clients, args.requests, args.time_limit, args.model, work)
-        print(f"{name}: {r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-              f"{r['batches']['calls']} calls ({r['batches']['mean_rows']:.1f} rows each), "
+    results = interleaved(args.clients, args.requests, args.rounds, args.time_limit, args.model, workload(args.model))
+    for name, r in results.items():
+        print(f"{name}: {r['throughput_rps']:.0f} req/s (rounds: {r['round_throughputs_rps']}), p50 {r['p50_ms']:.1f} ms, "
+              f"p99 {r['p99_ms']:.1f} ms, {r['batches']['calls']} calls ({r['batches']['mean_rows']:.1f} rows each), "
               f"{len(r['failures'])} failures", flush=True)
     gain = results["micro-batching"]["throughput_rps"] / results["one request per call"]["throughput_rps"]
     print(f"micro-batching gain: {gain:.2f}x")
@@ -210,17 +246,19 @@ def main(argv=None) -> int:
 def write(results: dict, gain: float, args) -> None:
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-               "processor": platform.processor() or platform.machine()}
+               "processor": platform.processor() or platform.machine(),
+               "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()]}  # other work on the cores
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     doc = {"command": command.strip(), "machine": machine, "when_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
            "clients": args.clients, "requests": args.requests, "model": args.model, "op": "decode, batch 1",
-           "modes": {k: {**v, "flags": MODES[k]} for k, v in results.items()}, "gain": gain}
+           "rounds": args.rounds, "modes": {k: {**v, "flags": MODES[k]} for k, v in results.items()}, "gain": gain}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# vaeinfer serve: load test ({args.clients} clients, decode of batch 1, {args.model})", "",
              f"Command: `{doc['command']}` ({doc['when_utc']} UTC)  ", f"Machine: {machine}", "",
              "Client and server share the machine (the client: one asyncio process, a minimal keep-alive HTTP/1.1 client). Every response was "
-             "checked against the in-process `model.decode` bit for bit.", "",
+             "checked against the in-process `model.decode` bit for bit. Both servers run at once and are measured "
+             f"in {args.rounds} alternating rounds (throughput = requests / summed wall time).", "",
              "| mode | server flags | requests | throughput (req/s) | p50 (ms) | p99 (ms) | onnxruntime calls | rows per call | failures |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():

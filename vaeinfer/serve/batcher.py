@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+CONCURRENT_CALLS = 2  # merged calls of one batcher running at once
+
 
 def split(result, sizes: list[int]) -> list:
     """A batched result (array, or frozen dataclass of arrays) cut back into per-request parts."""
@@ -67,7 +69,11 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        # two calls at a time: while one runs in onnxruntime, the next batch forms and the event loop
+        # parses requests and writes responses (with one, HTTP work and compute would take turns)
+        slots, running = asyncio.Semaphore(CONCURRENT_CALLS), set()
         while True:
+            await slots.acquire()
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
@@ -83,8 +89,12 @@ class Batcher:
                 except asyncio.TimeoutError:
                     pass
                 batch = self._take(batch)
-            if batch:
-                await self._run(batch)
+            if not batch:
+                slots.release()
+                continue
+            task = loop.create_task(self._run(batch))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
 
     def _take(self, batch: list) -> list:
         """Move the queued requests that fit (same dtype and row shape, rows within max_batch)
