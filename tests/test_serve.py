@@ -292,3 +292,12 @@ def test_missing_extra_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(BackendError, match=r'pip install "vaeinfer\[serve\]"'):
         require()
+
+
+def test_cli_serve_refuses_a_bad_model_before_listening():
+    from click.testing import CliRunner
+
+    from vaeinfer.cli import main
+
+    r = CliRunner().invoke(main, ["serve", "-m", "no-such-model", "--port", "1"])
+    assert r.exit_code == 1 and r.output.startswith("error:") and "no-such-model" in r.output, r.output
