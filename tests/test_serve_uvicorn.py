@@ -79,3 +79,16 @@ def test_graceful_shutdown_finishes_in_flight_requests():
     log = proc.stdout.read()
     # uvicorn re-raises SIGTERM after a graceful shutdown: -SIGTERM with its shutdown log is clean
     assert late is None and code in (0, -signal.SIGTERM) and "Finished server process" in log, (late, code, log)
+
+
+def test_several_worker_processes_serve_and_stop():
+    port = load.free_port()
+    proc = load.start_server(port, "--workers", "2")
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/models/mnist-vae/sample", json={"n": 2, "seed": 4},
+                       headers={"Accept": "application/x-npy"}, timeout=60)
+        assert r.status_code == 200
+        assert np.array_equal(np.load(io.BytesIO(r.content)), vaeinfer.load("mnist-vae").sample(2, seed=4))
+    finally:
+        code = load.stop_server(proc)
+    assert code == 0 and proc.stdout.read().count("Finished server process") == 2
