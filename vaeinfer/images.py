@@ -1,4 +1,4 @@
-"""Image and array files: PNG grids out, PNG/JPEG or .npy/.npz in. Pillow and numpy only."""
+"""Image and array files: PNG/JPEG/WebP grids out, PNG/JPEG or .npy/.npz in. Pillow and numpy only."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ from vaeinfer._fs import atomic_path
 from vaeinfer.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _writable(suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The suffixes whose format this Pillow build can write (WebP needs libwebp)."""
+    Image.init()
+    return tuple(s for s in suffixes if Image.registered_extensions().get(s) in Image.SAVE)
+
+
+# grids can be written in these; lossy formats get a high quality (digits have sharp edges)
+GRID_SUFFIXES = _writable((".png", ".jpg", ".jpeg", ".webp"))
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -32,11 +43,21 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid, atomically."""
+    """Write images (N, C, H, W) in [0, 1] as one grid, atomically: PNG, or JPEG/WebP by the
+    suffix (see GRID_SUFFIXES)."""
     path = Path(path)
+    fmt = grid_format(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format="PNG")
+        Image.fromarray(grid(np.asarray(images, np.float32), nrow)).save(tmp, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
     return path
+
+
+def grid_format(path: str | Path) -> str:
+    """Pillow's format name for a grid file name, or InputError for a suffix it cannot write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in GRID_SUFFIXES:
+        raise InputError(f"{path}: expected an image file ending in {' or '.join(GRID_SUFFIXES)}")
+    return Image.registered_extensions()[suffix]
 
 
 def save_arrays(path: str | Path, **arrays: np.ndarray) -> Path:
@@ -66,15 +87,20 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -> np.ndarray:
     """Image files -> float32 (N, C, H, W) in [0, 1]; each must already be H x W."""
+    return np.stack([read_image(p, channels, size, str(p)).astype(np.float32) / 255.0 for p in paths])
+
+
+def read_image(source, channels: int, size: tuple[int, int], what: str) -> np.ndarray:
+    """One image (a path or a binary file object) -> uint8 (C, H, W); it must already be H x W.
+    The size is checked before any pixel is decoded (a small file can hold a huge image)."""
     mode = "L" if channels == 1 else "RGB"
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                a = np.asarray(im.convert(mode), np.float32) / 255.0
-        except (OSError, ValueError) as e:
-            raise InputError(f"{p}: expected an image file ({e})") from e
-        if a.shape[:2] != tuple(size):
-            raise InputError(f"{p}: expected an image of {size[0]}x{size[1]} pixels, got {a.shape[0]}x{a.shape[1]}")
-        out.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-    return np.stack(out)
+    try:
+        with Image.open(source) as im:
+            if (im.height, im.width) != tuple(size):
+                raise InputError(f"{what}: expected an image of {size[0]}x{size[1]} pixels, got {im.height}x{im.width}")
+            a = np.asarray(im.convert(mode), np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{what}: expected an image file ({e})") from e
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)

@@ -53,10 +53,16 @@ class VAE(Model):
         The same seed gives bit-identical images on the same machine, provider and thread count,
         whatever the batch_size. `progress(done)` is called after each chunk, if given.
         """
+        return self.decode(self.sample_latents(n, seed, temperature), batch_size, progress)
+
+    def sample_latents(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """The latents `sample` decodes: z = temperature * eps (n, latent) float32, eps from
+        numpy's Generator(seed). decode(sample_latents(...)) is sample(...), bit for bit, also when
+        the z of several calls are decoded together (as `vaeinfer serve` batches them)."""
         n, seed = inputs.count(n), inputs.seed(seed)
         temperature = inputs.positive(temperature, "temperature")
         eps = np.random.default_rng(seed).standard_normal((n, self.latent_dim), dtype=np.float32)
-        return self.decode(eps * np.float32(temperature), batch_size, progress)
+        return eps * np.float32(temperature)
 
     def interpolate(self, a, b, steps: int = 8, batch_size: int | None = None) -> np.ndarray:
         """Decoded linear interpolations between the posterior means of a[i] and b[i]:

@@ -147,6 +147,13 @@ class VQVAE(Model):
         codes = self.sample_codes(n, seed, temperature, top_k, top_p, label, batch_size, progress, cached)
         return self.decode(codes, batch_size)
 
+    def sample_latents(self, n: int, seed: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, label=None, batch_size: int | None = None,
+                       cached: bool | None = None) -> np.ndarray:
+        """What `sample` decodes: `sample_codes` under the name every model kind has
+        (decode(sample_latents(...)) is sample(...), bit for bit)."""
+        return self.sample_codes(n, seed, temperature, top_k, top_p, label, batch_size, cached=cached)
+
     def prior_nll(self, codes, label=None, batch_size: int | None = None) -> np.ndarray:
         """-log2 p(codes) / (h*w) under the prior: bits per code, float64 (N,)."""
         prior, codes = self._prior(), self._codes(codes)

@@ -94,7 +94,7 @@ def _read_images(model, paths: tuple[str, ...]) -> np.ndarray:
     return image_io.load_images(list(paths), c, (h, w))
 
 
-def _check_out(out: str, suffixes: tuple[str, ...] = (".png", *ARRAY_SUFFIXES)) -> None:
+def _check_out(out: str, suffixes: tuple[str, ...] = (*image_io.GRID_SUFFIXES, *ARRAY_SUFFIXES)) -> None:
     """Refuse an output name that cannot be written before doing the work, not after it."""
     if Path(out).suffix.lower() not in suffixes:
         raise InputError(f"{out}: expected an output ending in {' or '.join(suffixes)}")

@@ -29,7 +29,7 @@ from vaeinfer.errors import InputError
               help="VQ-VAE: nucleus sampling over the codes.")
 @click.option("--label", type=click.IntRange(min=0), default=None, help="VQ-VAE with a class-conditional prior: the class.")
 @click.option("-o", "--out", default="samples.png", show_default=True,
-              help="Output: .png (a grid), .npy or .npz (float32 images N, C, H, W).")
+              help="Output: .png, .jpg or .webp (a grid), .npy or .npz (float32 images N, C, H, W).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
 def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow):
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
@@ -68,7 +68,7 @@ def encode(model, device, threads, precision, inputs, out, batch_size):
 @main.command()
 @model_option
 @click.argument("latents", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--out", default="decoded.png", show_default=True, help="Output .png grid, .npy or .npz.")
+@click.option("-o", "--out", default="decoded.png", show_default=True, help="Output .png/.jpg/.webp grid, .npy or .npz.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 def decode(model, device, threads, precision, latents, out, batch_size):
     """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images."""
@@ -85,7 +85,7 @@ def decode(model, device, threads, precision, latents, out, batch_size):
 @main.command()
 @model_option
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--out", default="reconstructions.png", show_default=True, help="Output .png grid, .npy or .npz.")
+@click.option("-o", "--out", default="reconstructions.png", show_default=True, help="Output .png/.jpg/.webp grid, .npy or .npz.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 def reconstruct(model, device, threads, precision, inputs, out, batch_size):
     """Encode then decode images; the PNG grid shows each input beside its reconstruction."""
@@ -93,7 +93,7 @@ def reconstruct(model, device, threads, precision, inputs, out, batch_size):
     m = _load(model, device, threads, precision)
     x = _read_images(m, inputs)
     rec = m.reconstruct(x, batch_size=batch_size)
-    if Path(out).suffix.lower() == ".png":
+    if Path(out).suffix.lower() in image_io.GRID_SUFFIXES:
         x = checks.images(x, m.info.image_shape, m.info.value_range)
         pairs = np.stack([x, rec], axis=1).reshape(-1, *rec.shape[1:])
         _write_images(pairs, out, nrow=2 * min(8, len(x)))
