@@ -182,7 +182,7 @@ def main():
     parser.add_argument("--k-subset", type=int, default=5000, help="importance samples on the 1,000-image subset")
     parser.add_argument("--k-full", type=int, default=500, help="importance samples on all 10,000 (0: skip)")
     parser.add_argument("--stem", default="quality", help="results file name: benchmarks/results/<stem>.json/.md")
-    parser.add_argument("--sample-count", type=int, default=1000, help="samples per model for the digit classifier")
+    parser.add_argument("--sample-count", type=int, default=1000, help="samples per model for the digit classifier (0: no sample-quality rows)")
     args = parser.parse_args()
 
     test, test_bin, labels = load_test(Path(args.data))
@@ -193,8 +193,10 @@ def main():
                "vae": {}, "vq": {}, "images": [], "sample_count": args.sample_count}
     from benchmarks.digit_classifier import load_or_train, sample_quality
 
-    classifier, results["classifier"] = load_or_train(Path(args.data))
-    results["samples"] = {"real test digits": {"Treal": sample_quality(classifier, test[:args.sample_count])}}
+    classifier = None
+    if args.sample_count:  # 0: skip the sample-quality rows
+        classifier, results["classifier"] = load_or_train(Path(args.data))
+        results["samples"] = {"real test digits": {"Treal": sample_quality(classifier, test[:args.sample_count])}}
     temperatures = [float(t) for t in args.temperatures.split(",")]
     for name in [m for m in args.models.split(",") if m]:
         model = vaeinfer.load(name, device="cpu", threads=args.threads)
@@ -205,8 +207,10 @@ def main():
             results["vq"][model.info.name] = evaluate_vq(model, test, labels, args.quick)
         if model.info.kind == "vae" or model.info.has_prior:
             results["images"] += sample_grids(model, Path(args.out), temperatures)
-            results["samples"][model.info.name] = sample_quality_rows(classifier, model, temperatures, args.sample_count)
-            print(f"  samples: {results['samples'][model.info.name]}", flush=True)
+            if classifier is not None:
+                results["samples"][model.info.name] = sample_quality_rows(classifier, model, temperatures,
+                                                                         args.sample_count)
+                print(f"  samples: {results['samples'][model.info.name]}", flush=True)
     stem = args.stem + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(results))
