@@ -164,7 +164,7 @@ def markdown(results: dict) -> str:
                   "| --- | --- | --- | --- |"]
         for name, rows in results["samples"].items():
             for t, r in rows.items():
-                lines.append(f"| {name} | {t[1:] if t != 'real' else '-'} | {r['confident']:.3f} | {r['entropy']:.3f} |")
+                lines.append(f"| {name} | {'-' if t == 'Treal' else t[1:]} | {r['confident']:.3f} | {r['entropy']:.3f} |")
     lines += ["", "Sample grids (seed 0) and interpolations: " + ", ".join(
         f"[{p}](quality/{p})" for p in results["images"])]
     return "\n".join(lines) + "\n"

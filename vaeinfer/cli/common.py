@@ -48,8 +48,7 @@ def main():
     """Train, export and run variational autoencoders (VAE, beta-VAE, VQ-VAE + PixelCNN prior).
 
     Runtime commands (sample, encode, decode, reconstruct, score, info, manifold, traverse) need
-    only the
-    runtime install; train, train-prior and export need the `train` extra.
+    only the runtime install; train, train-prior and export need the `train` extra.
     """
 
 
