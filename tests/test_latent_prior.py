@@ -295,3 +295,10 @@ def test_the_prior_modules_are_mixtures_with_normalised_weights():
         log_w, means, logvars = prior.mixture(enc)
         assert log_w.shape == (k,) and means.shape == (k, 2) and logvars.shape == (k, 2)
         assert abs(float(log_w.detach().exp().sum()) - 1) < 1e-6
+
+
+def test_only_a_kind_with_the_slot_takes_a_latent_prior():
+    slot = {"type": "mixture", "file": "prior.npz", "sha256": "0" * 64, "components": 2, "source": "mog"}
+    assert priors.parse_slot(slot, "vae") == slot
+    with pytest.raises(vaeinfer.BundleError, match="cannot have a latent_prior"):
+        priors.parse_slot(slot, "vqvae")

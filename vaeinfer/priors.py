@@ -40,8 +40,10 @@ def parse_slot(slot, kind: str) -> dict | None:
     "components", "source"}, or None (the standard normal)."""
     if slot is None:
         return None
-    if kind != "vae":
-        raise BundleError(f"manifest: only a vae bundle can have a {SLOT}, this one is a {kind}")
+    from vaeinfer import kinds
+
+    if not kinds.get(kind).latent_prior_slot:
+        raise BundleError(f"manifest: a {kind} bundle cannot have a {SLOT} (a flat Gaussian latent's learned prior)")
     if not isinstance(slot, dict):
         raise BundleError(f"manifest: expected {SLOT} to be an object, got {type(slot).__name__}")
     expected = {"type", "file", "sha256", "components", "source"}
