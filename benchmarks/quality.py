@@ -10,6 +10,12 @@ K = 5000 importance samples on a seeded 1,000-image subset, and K = 500 on all 1
 PyTorch-side estimate from the training checkpoint, with the same noise, checks the ONNX one.
 The test set is used for these numbers only; nothing is tuned on it.
 
+Sample quality: a small CNN digit classifier trained by this benchmark on the MNIST training set
+(never the test set; cached under runs/digit-classifier/, see benchmarks/digit_classifier.py)
+labels 1,000 samples (seed 0) per model at each temperature: the share classified with
+probability >= 0.9, and the entropy of the predicted-class histogram over log(10) (1: all ten
+digits equally often). The real test digits are the reference row.
+
 Writes benchmarks/results/quality.json, quality.md and sample grids in benchmarks/results/quality/.
 """
 
@@ -74,7 +80,7 @@ def torch_check(name: str, x: np.ndarray, samples: int, onnx_nll: np.ndarray) ->
 def evaluate_vae(model, test_bin: np.ndarray, quick: bool, k_subset: int, k_full: int) -> dict:
     rng = np.random.default_rng(SUBSET_SEED)
     subset = np.sort(rng.permutation(len(test_bin))[: (100 if quick else 1000)])
-    plan = [("subset", test_bin[subset], 50 if quick else k_subset)]
+    plan = [("subset", test_bin[subset], 50 if quick else k_subset)] if k_subset else []
     if k_full:
         plan.append(("full", test_bin[: 500] if quick else test_bin, 20 if quick else k_full))
     out = {}
@@ -123,6 +129,13 @@ def sample_grids(model, out_dir: Path, temperatures: list[float]) -> list[str]:
     return written
 
 
+def sample_quality_rows(classifier, model, temperatures: list[float], n: int) -> dict:
+    from benchmarks.digit_classifier import sample_quality
+
+    return {f"T{t:g}": sample_quality(classifier, model.sample(n, seed=0, temperature=t, batch_size=500))
+            for t in temperatures}
+
+
 def markdown(results: dict) -> str:
     lines = [f"# Model quality (MNIST, binarized test set)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; {results['date']}", "",
@@ -143,6 +156,15 @@ def markdown(results: dict) -> str:
         for name, r in results["vq"].items():
             lines.append(f"| {name} | {r['mse']:.4f} | {r['psnr_db']:.2f} | {r['codebook_perplexity']:.1f} | "
                          f"{r['codes_used']}/{r['codebook_size']} | {r.get('prior_bits_per_code', float('nan')):.3f} |")
+    if results.get("samples"):
+        facts = results["classifier"]
+        lines += ["", f"Sample quality: a small CNN trained on {facts['trained_on']} (held-out training accuracy "
+                      f"{facts['held_out_accuracy']:.4f}) labels {results['sample_count']} samples (seed 0) per model.", "",
+                  "| samples | temperature | classified with p >= 0.9 | class-histogram entropy (0-1) |",
+                  "| --- | --- | --- | --- |"]
+        for name, rows in results["samples"].items():
+            for t, r in rows.items():
+                lines.append(f"| {name} | {'-' if t == 'Treal' else t[1:]} | {r['confident']:.3f} | {r['entropy']:.3f} |")
     lines += ["", "Sample grids (seed 0) and interpolations: " + ", ".join(
         f"[{p}](quality/{p})" for p in results["images"])]
     return "\n".join(lines) + "\n"
@@ -160,6 +182,7 @@ def main():
     parser.add_argument("--k-subset", type=int, default=5000, help="importance samples on the 1,000-image subset")
     parser.add_argument("--k-full", type=int, default=500, help="importance samples on all 10,000 (0: skip)")
     parser.add_argument("--stem", default="quality", help="results file name: benchmarks/results/<stem>.json/.md")
+    parser.add_argument("--sample-count", type=int, default=1000, help="samples per model for the digit classifier (0: no sample-quality rows)")
     args = parser.parse_args()
 
     test, test_bin, labels = load_test(Path(args.data))
@@ -167,7 +190,14 @@ def main():
     results = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores", "quick": args.quick,
                "protocol": __doc__.split("Protocol")[1].split("Writes")[0].strip(), "references": REFERENCES,
-               "vae": {}, "vq": {}, "images": []}
+               "vae": {}, "vq": {}, "images": [], "sample_count": args.sample_count}
+    from benchmarks.digit_classifier import load_or_train, sample_quality
+
+    classifier = None
+    if args.sample_count:  # 0: skip the sample-quality rows
+        classifier, results["classifier"] = load_or_train(Path(args.data))
+        results["samples"] = {"real test digits": {"Treal": sample_quality(classifier, test[:args.sample_count])}}
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     for name in [m for m in args.models.split(",") if m]:
         model = vaeinfer.load(name, device="cpu", threads=args.threads)
         print(f"{name} ({model.info.kind})", flush=True)
@@ -176,7 +206,11 @@ def main():
         else:
             results["vq"][model.info.name] = evaluate_vq(model, test, labels, args.quick)
         if model.info.kind == "vae" or model.info.has_prior:
-            results["images"] += sample_grids(model, Path(args.out), [float(t) for t in args.temperatures.split(",")])
+            results["images"] += sample_grids(model, Path(args.out), temperatures)
+            if classifier is not None:
+                results["samples"][model.info.name] = sample_quality_rows(classifier, model, temperatures,
+                                                                         args.sample_count)
+                print(f"  samples: {results['samples'][model.info.name]}", flush=True)
     stem = args.stem + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(results))

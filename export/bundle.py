@@ -33,11 +33,14 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
                   likelihood: dict, modules: dict[str, torch.nn.Module], specs: dict[str, GraphSpec],
                   prior: dict | None = None, training: dict | None = None, limits: dict | None = None,
                   comparators: dict[str, Comparator] | None = None, tolerance: float = FP32_TOLERANCE,
-                  extra_checks: dict | None = None, value_range=(0.0, 1.0), opset: int = OPSET) -> Path:
+                  extra_checks: dict | None = None, value_range=(0.0, 1.0), opset: int = OPSET,
+                  extra_files: dict[str, bytes] | None = None, extra_manifest: dict | None = None) -> Path:
     """Export `modules[role]` for each role of `specs`, validate each graph, write the bundle.
 
     `extra_checks[name](files) -> figures` validate the graphs together (files: name -> bytes);
     like the per-graph checks they raise ExportError to stop the export before anything is written.
+    `extra_files` (name -> bytes) are written beside the graphs and `extra_manifest` merged into the
+    manifest (e.g. a VAE's learned prior, see export.latent_prior).
     """
     comparators = comparators or {}
     facts = {"format_version": FORMAT_VERSION, "name": name, "kind": kind, "image": list(image),
@@ -69,5 +72,6 @@ def export_bundle(out_dir: str | Path, *, name: str, kind: str, image: tuple[int
             "rewrites": {"narrow_convs": rewrites},
         },
         "training": training,
+        **(extra_manifest or {}),
     }
-    return write_bundle(out_dir, manifest, files)
+    return write_bundle(out_dir, manifest, {**files, **(extra_files or {})})

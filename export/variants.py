@@ -299,9 +299,11 @@ def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.nd
 # --- the bundle -------------------------------------------------------------------------------
 
 def _bundle_files(bundle) -> dict[str, bytes]:
-    """Every graph file the manifest names (fp32 and variants), verified."""
+    """Every file the manifest names (graphs of fp32 and variants, a learned prior), verified."""
+    from export.latent_prior import bundle_files
+
     m = bundle.manifest
-    files = {}
+    files = bundle_files(bundle)
     for precision in ("fp32", *m.variants):
         for role, entry in m.files(precision).items():
             if entry.file not in files:

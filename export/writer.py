@@ -106,4 +106,6 @@ def clean_bundle(bundle_dir: str | Path) -> Path:
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     names = {e["file"] for e in manifest["graphs"].values()}
     names |= {e["file"] for v in (manifest.get("variants") or {}).values() for e in v["graphs"].values()}
+    if manifest.get("latent_prior"):  # a VAE's learned prior (prior.npz), carried as it is
+        names.add(manifest["latent_prior"]["file"])
     return write_bundle(bundle_dir, manifest, {name: (bundle_dir / name).read_bytes() for name in sorted(names)})

@@ -264,6 +264,9 @@ NO_TORCH = textwrap.dedent('''
     out, bundle, x = sys.argv[1], sys.argv[2], sys.argv[3]
     main(["sample", "-n", "4", "--seed", "0", "-o", out + "/default.png"], standalone_mode=False)
     main(["info"], standalone_mode=False)
+    main(["manifold", "-m", "mnist-vae-2d", "--size", "4", "-o", out + "/manifold.png"], standalone_mode=False)
+    np.save(out + "/one.npy", np.load(x)[:1])
+    main(["traverse", "-m", bundle, out + "/one.npy", "--steps", "3", "-o", out + "/traverse.png"], standalone_mode=False)
     for args in (["sample", "-o", out + "/s.npz"], ["encode", x, "-o", out + "/l.npz"], ["score", x, "-k", "2"],
                  ["reconstruct", x, "-o", out + "/r.png"], ["decode", out + "/l.npz", "-o", out + "/d.png"],
                  ["info", "-m", bundle]):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from training.models import VAE
+from training.priors import mixture_log_prob
 
 
 def _noise(seed: int, index: int, k: int, dim: int) -> np.ndarray:
@@ -37,7 +38,10 @@ def iwae_score(model: VAE, images: np.ndarray, samples: int, seed: int = 0, rows
         lpx = torch.cat([model.likelihood.log_prob(target[i:i + rows], model.decoder(flat[i:i + rows]))
                          for i in range(0, len(flat), rows)]).double().reshape(len(x), k)
         z64, eps64 = z.double(), eps.double()
-        log_pz = -0.5 * (z64 ** 2 + log_2pi).sum(dim=2)
+        if model.prior is None:
+            log_pz = -0.5 * (z64 ** 2 + log_2pi).sum(dim=2)
+        else:  # the learned mixture, in float64 like the runtime
+            log_pz = mixture_log_prob(z64, *(t.double() for t in model.prior.mixture(model.encoder)))
         log_qz = -0.5 * (eps64 ** 2 + log_2pi + logvar.double()[:, None]).sum(dim=2)
         log_w = lpx + log_pz - log_qz
         end = start + len(x)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from training.likelihood import Likelihood
+from training.priors import LOG_2PI, build_prior
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -141,11 +142,13 @@ class VAE(nn.Module):
     draws_eps = True  # `loss` takes the reparameterisation noise as `eps` (data-parallel training draws it)
     loss_is_negative_elbo = True  # at beta = 1 (validation reports the ELBO)
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, image_shape):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, image_shape,
+                 prior: str = "normal", prior_components: int = 0):
         super().__init__()
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim_of(encoder, self.image_shape)
+        self.prior = build_prior(prior, prior_components, self.image_shape, self.latent_dim)  # None: N(0, I)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -166,13 +169,21 @@ class VAE(nn.Module):
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
         recon = -self.likelihood.log_prob(target, self.decoder(z))
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+        prior = getattr(self, "prior", None)  # subclasses such as SpatialVAE have none
+        if prior is None:
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+        else:  # no closed form: the single-sample estimate log q(z|x) - log p(z)
+            log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(dim=1)
+            kl = log_q - prior.log_prob(z, self.encoder)
         return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None):
         """n images from the prior, as likelihood means in [0, 1]."""
-        z = torch.randn((n, self.latent_dim), generator=generator, device=next(self.parameters()).device)
+        if self.prior is not None:
+            z = self.prior.sample(n, self.encoder, generator)
+        else:
+            z = torch.randn((n, self.latent_dim), generator=generator, device=next(self.parameters()).device)
         return self.likelihood.mean(self.decoder(z))
 
 
@@ -188,9 +199,9 @@ def build_conv_vae(image_shape, latent_dim=32, channels=(32, 64), blocks=0, acti
 
 
 def _vae(builder):
-    def build(image_shape, likelihood, **args):
+    def build(image_shape, likelihood, prior="normal", prior_components=0, **args):
         encoder, decoder = builder(tuple(image_shape), **args)
-        return VAE(encoder, decoder, likelihood, image_shape)
+        return VAE(encoder, decoder, likelihood, image_shape, prior, prior_components)
 
     return build
 

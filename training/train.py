@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import checkpoint, distributed
+from training import checkpoint, distributed, priors
 from training.data import DEFAULT_DATA, load_data, split
 from training.likelihood import Likelihood
 from training.loop import new_progress, run_loop
@@ -65,6 +65,7 @@ class TrainConfig(JsonConfig):
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     label: str | None = None  # a name for the dataset in the bundle's training facts
+    init_from: str | None = None  # a run folder or checkpoint whose model weights a fresh run starts from
 
     def __post_init__(self):
         if self.binarize not in ("none", "dynamic"):
@@ -166,6 +167,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     val_images = torch.from_numpy(val_set.images)
 
     model, optimizer, generator, progress, history = _model_and_state(config, image_shape, run_dir, resume)
+    if progress["global_step"] == 0:
+        priors.warm_start(model, config.init_from, images, config.seed)
     loss_fn = ctx.loss_fn(model)  # model.loss, or its data-parallel form that takes the global batch
     warmup_steps = int(config.kl_warmup_epochs * math.ceil(len(images) / config.batch_size))
     model.train()

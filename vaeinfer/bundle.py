@@ -111,6 +111,16 @@ class Bundle:
         onnx_scan.scan(data, str(path))
         return data
 
+    def read_file(self, name: str, digest: str, limit: int, verify: bool = True) -> bytes:
+        """A non-graph file of the bundle (e.g. prior.npz) under the graphs' rules: a plain name
+        inside the bundle, no symbolic link, a regular file of at most `limit` bytes, sha256 checked."""
+        path = _regular_file(self.path, name)
+        data = _read(path, limit)
+        if verify and hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"{path}: sha256 is {hashlib.sha256(data).hexdigest()}, the manifest says {digest}; "
+                              "the file was changed or corrupted after export")
+        return data
+
     def pin(self, precision: str = "fp32", verify: bool = True) -> "Bundle":
         """This bundle with every graph of `precision` read, verified and scanned once, held in
         memory: whatever loads the result runs exactly these bytes, whatever happens on disk."""

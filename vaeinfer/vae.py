@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from vaeinfer import inputs
+from vaeinfer import inputs, priors
 from vaeinfer import likelihood as lik
 from vaeinfer.results import Posterior, Score
 from vaeinfer.runtime import DEFAULT_BATCH, Model, check_finite
@@ -15,7 +15,15 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class VAE(Model):
-    """A loaded VAE bundle. Images are float32 (N, C, H, W) in `info.value_range`."""
+    """A loaded VAE bundle. Images are float32 (N, C, H, W) in `info.value_range`.
+
+    `prior` is the bundle's learned latent prior (a `vaeinfer.priors.MixturePrior`), or None for
+    the standard normal; `sample` draws from it and `score` uses its log p(z)."""
+
+    def __init__(self, bundle, device: str = "auto", threads: int | None = None, precision: str = "fp32",
+                 verify: bool = True, **options):
+        super().__init__(bundle, device, threads, precision, verify, **options)
+        self.prior = priors.load(bundle, self.latent_dim, verify)
 
     @property
     def latent_dim(self) -> int:
@@ -48,7 +56,8 @@ class VAE(Model):
 
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0,
                batch_size: int | None = None, progress=None) -> np.ndarray:
-        """n images from the prior: z = temperature * eps, eps ~ N(0, I) from numpy's Generator(seed).
+        """n images from the prior: z = temperature * eps, eps ~ N(0, I) from numpy's Generator(seed);
+        with a learned mixture prior, a component k ~ w then z = mean_k + temperature * std_k * eps.
 
         The same seed gives bit-identical images on the same machine, provider and thread count,
         whatever the batch_size. `progress(done)` is called after each chunk, if given.
@@ -57,11 +66,16 @@ class VAE(Model):
 
     def sample_latents(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
         """The latents `sample` decodes: z = temperature * eps (n, latent) float32, eps from
-        numpy's Generator(seed). decode(sample_latents(...)) is sample(...), bit for bit, also when
-        the z of several calls are decoded together (as `vaeinfer serve` batches them)."""
+        numpy's Generator(seed); with a learned mixture prior, a component k ~ w then
+        z = mean_k + temperature * std_k * eps from the same generator. decode(sample_latents(...))
+        is sample(...), bit for bit, also when the z of several calls are decoded together (as
+        `vaeinfer serve` batches them)."""
         n, seed = inputs.count(n), inputs.seed(seed)
         temperature = inputs.positive(temperature, "temperature")
-        eps = np.random.default_rng(seed).standard_normal((n, self.latent_dim), dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        if self.prior is not None:
+            return self.prior.sample(rng, n, temperature)
+        eps = rng.standard_normal((n, self.latent_dim), dtype=np.float32)
         return eps * np.float32(temperature)
 
     def interpolate(self, a, b, steps: int = 8, batch_size: int | None = None) -> np.ndarray:
@@ -78,7 +92,8 @@ class VAE(Model):
     def score(self, x, samples: int = 100, seed: int = 0, batch_size: int | None = None,
               index_offset: int = 0) -> Score:
         """Per-image scores in nats from the exported graphs (see `Score`): nll is the IWAE
-        estimate of -log p(x) with K=`samples` importance samples from q(z|x).
+        estimate of -log p(x) with K=`samples` importance samples from q(z|x), under the bundle's
+        prior (the standard normal, or its learned mixture).
 
         Image i's noise comes from numpy's Generator([seed, index_offset + i]), so results do not
         depend on batch_size, and scoring a dataset in pieces (x[a:b] with index_offset=a, as
@@ -105,7 +120,7 @@ class VAE(Model):
             params = self.decode_params(z.reshape(-1, self.latent_dim), rows)
             lpx = lik.log_prob(np.repeat(xs, k, axis=0), params, self.manifest.likelihood).reshape(len(xs), k)
             z64, eps64 = z.astype(np.float64), eps.astype(np.float64)
-            log_pz = -0.5 * (z64 ** 2 + _LOG_2PI).sum(axis=2)
+            log_pz = priors.standard_normal_log_prob(z64) if self.prior is None else self.prior.log_prob(z64)
             log_qz = -0.5 * (eps64 ** 2 + _LOG_2PI + post.logvar.astype(np.float64)[:, None]).sum(axis=2)
             log_w = lpx + log_pz - log_qz
             top = log_w.max(axis=1, keepdims=True)

@@ -7,7 +7,7 @@ and one name in the import below.
 """
 
 from vaeinfer.cli.common import main
-from vaeinfer.cli import make, run, tools  # noqa: E402,F401  (each registers its commands on `main`)
+from vaeinfer.cli import latent, make, run, tools  # noqa: E402,F401  (each registers its commands on `main`)
 from vaeinfer.serve import cli as serve_cli  # noqa: E402,F401  (`vaeinfer serve`; its web stack loads lazily)
 
 __all__ = ["main"]

@@ -47,8 +47,8 @@ def _fail(error, status: int = 1) -> None:
 def main():
     """Train, export and run variational autoencoders (VAE, beta-VAE, VQ-VAE + PixelCNN prior).
 
-    Runtime commands (sample, encode, decode, reconstruct, score, info) need only the
-    runtime install; train, train-prior and export need the `train` extra.
+    Runtime commands (sample, encode, decode, reconstruct, score, info, manifold, traverse) need
+    only the runtime install; train, train-prior and export need the `train` extra.
     """
 
 

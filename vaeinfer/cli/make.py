@@ -66,6 +66,13 @@ def _ints(text: str | None):
               help="The Gaussian's fixed std (in the model's value range: [-1, 1] units for --latent spatial).")
 @click.option("--laplace-scale", type=float, default=0.1, show_default=True,
               help="The Laplace's fixed scale b (in the model's value range, like --gaussian-scale).")
+@click.option("--prior", type=click.Choice(["normal", "vamp", "mog"]), default=None,
+              help="VAE prior p(z): normal (N(0, I), the default), vamp (VampPrior: learned pseudo-inputs "
+                   "through the encoder) or mog (learned mixture of Gaussians).")
+@click.option("--prior-components", type=click.IntRange(min=1), default=None,
+              help="Components K of a vamp or mog prior (default 100).")
+@click.option("--init-from", type=click.Path(exists=True), default=None,
+              help="Start from the model weights of this run folder or checkpoint (not its optimizer or prior).")
 @click.option("--binarize", type=click.Choice(["none", "dynamic"]), default="none", show_default=True)
 @click.option("--beta", type=float, default=1.0, show_default=True, help="KL weight (beta-VAE).")
 @click.option("--kl-warmup", type=float, default=0.0, show_default=True, help="Epochs of linear KL warm-up.")
@@ -114,6 +121,10 @@ def train(ctx, config_file, resume, out, quiet, **flags):
                       ("code_dim", "code_dim"), ("latent_channels", "latent_channels")):
         if flags[flag] is not None:
             model_args[key] = flags[flag]
+    if flags["prior"] is not None:
+        model_args["prior"] = flags["prior"]
+    if model_args.get("prior", "normal") != "normal":
+        model_args["prior_components"] = flags["prior_components"] or model_args.get("prior_components", 100)
     if flags["hidden"]:
         model_args["hidden"] = _ints(flags["hidden"])
     if flags["conv_channels"]:
@@ -122,7 +133,8 @@ def train(ctx, config_file, resume, out, quiet, **flags):
               "laplace_scale": "laplace_scale", "binarize": "binarize",
               "beta": "beta", "kl_warmup": "kl_warmup_epochs", "epochs": "epochs", "batch_size": "batch_size",
               "lr": "lr", "lr_schedule": "lr_schedule", "val_fraction": "val_fraction", "seed": "seed",
-              "device": "device", "threads": "threads", "checkpoint_every": "checkpoint_every", "max_steps": "max_steps"}
+              "device": "device", "threads": "threads", "checkpoint_every": "checkpoint_every", "max_steps": "max_steps",
+              "init_from": "init_from"}
     values = dict(base)
     for flag, key in simple.items():
         if flag in explicit or key not in base:

@@ -36,6 +36,7 @@ class Kind:
     sample_options: tuple[str, ...] = ()  # keyword options of the runtime's `sample` beyond the common ones
     scorable: bool = False  # has `score` (an ELBO): a Gaussian latent with an encoder posterior
     prior_slot: bool = False  # the manifest may carry `prior` (and a prior graph)
+    latent_prior_slot: bool = False  # the manifest may carry `latent_prior` (a learned mixture, vaeinfer.priors)
 
     def runtime_class(self) -> type:
         module, _, cls = self.runtime.partition(":")

@@ -25,5 +25,5 @@ KIND = register(Kind(
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: vae_graphs(m.image, m.latent["dim"]),
     int_limits=lambda m: {},
-    latent_keys=("z", "mean"), scorable=True,
+    latent_keys=("z", "mean"), scorable=True, latent_prior_slot=True,
 ))
