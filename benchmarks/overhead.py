@@ -3,7 +3,7 @@ graph's own `session.run` plus the same host transform (the numpy sigmoid of a B
 nothing for an encoder), for every bundled model. Target: <= max(10 us, 5 %).
 
 The two calls are interleaved call by call in alternating order (a slow moment of the machine
-hits both), in blocks; each runner's figure is the median over blocks of its per-call mean, the
+hits both), in blocks; each runner's figure is the median over blocks of its per-call median, the
 overhead the median over blocks of the per-block difference. Writes benchmarks/results/overhead.{json,md}.
 
     python benchmarks/overhead.py [--blocks 200] [--calls 50]
@@ -51,14 +51,14 @@ def runners(m) -> dict:
 
 
 def interleaved(a, b, blocks: int, calls: int) -> tuple[float, float, float]:
-    """(a's, b's, a - b's) median over blocks of the per-call mean, in seconds. The two are
-    interleaved call by call, in alternating order, so that load on the machine hits both alike."""
+    """(a's, b's, a - b's) median over blocks of the per-call median, in seconds. The two are
+    interleaved call by call, in alternating order, so that load on the machine hits both alike;
+    medians, not means, so that a call preempted by another process does not count."""
     for _ in range(200):
         a(), b()
     clock = time.perf_counter_ns
-    ta, tb = np.empty(blocks), np.empty(blocks)
+    ta, tb = np.empty((blocks, calls)), np.empty((blocks, calls))
     for k in range(blocks):
-        sa = sb = 0
         for i in range(calls):
             first, second = (a, b) if i & 1 else (b, a)
             t0 = clock()
@@ -66,11 +66,9 @@ def interleaved(a, b, blocks: int, calls: int) -> tuple[float, float, float]:
             t1 = clock()
             second()
             t2 = clock()
-            da, db = (t1 - t0, t2 - t1) if i & 1 else (t2 - t1, t1 - t0)
-            sa += da
-            sb += db
-        ta[k], tb[k] = sa / calls * 1e-9, sb / calls * 1e-9
-    return float(np.median(ta)), float(np.median(tb)), float(np.median(ta - tb))
+            ta[k, i], tb[k, i] = (t1 - t0, t2 - t1) if i & 1 else (t2 - t1, t1 - t0)
+    ma, mb = np.median(ta, axis=1) * 1e-9, np.median(tb, axis=1) * 1e-9
+    return float(np.median(ma)), float(np.median(mb)), float(np.median(ma - mb))
 
 
 def measure(blocks: int, calls: int, models=None, threads: int | None = None) -> dict:
@@ -97,7 +95,7 @@ def markdown(r: dict) -> str:
              f"{mach.get('date')}, onnxruntime threads: {r['threads'] or 'default'}", "",
              "vaeinfer's `encode(x)` / `decode(z)` against `session.run` on the same session plus the same host "
              "transform, interleaved call by call; overhead: the median over blocks of the per-block difference of the "
-             "per-call means; target <= max(10 us, 5 %).", "",
+             "per-call medians; target <= max(10 us, 5 %).", "",
              "| model | op | vaeinfer us | session.run (+ transform) us | overhead us | overhead % | limit us | met |",
              "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
