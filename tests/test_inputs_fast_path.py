@@ -139,8 +139,8 @@ def test_output_shape_check_still_refuses():
             g._check_shapes(outs, rows)
 
 
-def test_images_one_pass_range_is_exact_at_the_edges():
-    """The uint32-pattern pass for [0, hi] accepts exactly what the float comparison accepts."""
+def test_images_range_is_exact_at_the_edges():
+    """The range check is exact at its edges: -0.0 and hi are in, the next float32 beyond is out."""
     one = np.float32(1.0)
     for value, ok in ((0.0, True), (-0.0, True), (1.0, True), (np.nextafter(one, np.float32(2)), False),
                       (-np.float32(1e-45), False), (np.float32(1e-45), True), (np.nan, False), (-np.nan, False)):
@@ -155,7 +155,7 @@ def test_images_one_pass_range_is_exact_at_the_edges():
     inputs.images(_image(0.0) * 0 + below, SHAPE, (0.0, hi))
     with pytest.raises(InputError):
         inputs.images(_image(0.0) * 0 + np.nextafter(below, np.float32(1)), SHAPE, (0.0, hi))
-    with pytest.raises(InputError, match=r"\[-1.0, 1.0\]"):  # a range not from 0: the min/max path
+    with pytest.raises(InputError, match=r"\[-1.0, 1.0\]"):
         inputs.images(_image(1.5), SHAPE, (-1.0, 1.0))
     assert inputs.images(_image(-0.5), SHAPE, (-1.0, 1.0)).min() == -0.5
 

@@ -6,7 +6,6 @@ InputError naming what was expected and what came.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import numpy as np
@@ -53,22 +52,6 @@ def _float32(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _bits_bound(lo: float, hi: float) -> int | None:
-    """For a range [0, hi]: the bit pattern of the largest float32 <= hi, read as uint32, else None.
-
-    Read as uint32, the float32 values in [+0, hi] are exactly the patterns <= that bound: the
-    order of non-negative floats is that of their patterns, and every negative value (-0.0 too),
-    NaN and Inf reads larger. So one max pass checks range, NaN and Inf at once; a failing array
-    (or -0.0, which is in range) takes the exact min/max path."""
-    if lo != 0 or not 0 <= hi < np.inf:
-        return None
-    f = np.float32(hi)
-    if float(f) > hi:
-        f = np.nextafter(f, np.float32(0))
-    return int(f.view(np.uint32))
-
-
 def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], what: str = "images") -> np.ndarray:
     """Images (N, C, H, W): float16/32/64 within value_range, or uint8 (0..255, scaled to the range)."""
     a = _array(x, what)
@@ -79,9 +62,6 @@ def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], wha
     if a.dtype not in _FLOATS:
         raise InputError(f"{what}: expected dtype uint8, float16, float32 or float64, got {a.dtype}")
     a = _float32(a)
-    bound = _bits_bound(lo, hi)
-    if bound is not None and np.maximum.reduce(a.view(np.uint32), None) <= bound:
-        return a
     amin, amax = float(np.minimum.reduce(a, None)), float(np.maximum.reduce(a, None))
     if not (lo <= amin and amax <= hi):  # NaN fails this too (min/max propagate it): tell which
         _finite(a, what)
