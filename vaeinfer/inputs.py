@@ -13,6 +13,7 @@ import numpy as np
 from vaeinfer.errors import InputError
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_FLOATS = frozenset(map(np.dtype, FLOAT_DTYPES))  # a set lookup: cheaper than comparing to each type
 
 
 def _array(x, what: str) -> np.ndarray:
@@ -28,16 +29,27 @@ def _array(x, what: str) -> np.ndarray:
 
 
 def _rank_and_batch(a: np.ndarray, trailing: tuple, what: str, layout: str) -> None:
-    if a.ndim != 1 + len(trailing) or tuple(a.shape[1:]) != tuple(trailing):
+    if a.shape[1:] != tuple(trailing):
         raise InputError(f"{what}: expected shape (N, {', '.join(map(str, trailing))}) {layout}, got {tuple(a.shape)}")
     if a.shape[0] == 0:
         raise InputError(f"{what}: expected at least one item, got a batch of 0")
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """Whether no value is NaN/Inf: exact and warning-free (a sum would warn on Inf - Inf), and
+    without the Python layer of ndarray.all (which costs as much as the pass at batch 1)."""
+    return bool(np.logical_and.reduce(np.isfinite(a), None))
+
+
 def _finite(a: np.ndarray, what: str) -> None:
-    if not np.isfinite(a).all():
+    if not all_finite(a):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise InputError(f"{what}: expected finite values, got {bad} NaN/Inf")
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 array: `a` itself when it already is one (no copy, no call)."""
+    return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
 
 
 def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], what: str = "images") -> np.ndarray:
@@ -47,10 +59,10 @@ def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], wha
     lo, hi = value_range
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a, np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
-    if a.dtype not in FLOAT_DTYPES:
+    if a.dtype not in _FLOATS:
         raise InputError(f"{what}: expected dtype uint8, float16, float32 or float64, got {a.dtype}")
-    a = np.ascontiguousarray(a, np.float32)
-    amin, amax = float(np.minimum.reduce(a, axis=None)), float(np.maximum.reduce(a, axis=None))
+    a = _float32(a)
+    amin, amax = float(np.minimum.reduce(a, None)), float(np.maximum.reduce(a, None))
     if not (lo <= amin and amax <= hi):  # NaN fails this too (min/max propagate it): tell which
         _finite(a, what)
         raise InputError(f"{what}: expected values in [{lo}, {hi}], got [{amin:g}, {amax:g}]")
@@ -63,9 +75,9 @@ def latents(z, dim: int, what: str = "z") -> np.ndarray:
     if a.ndim == 2 and a.shape[1] != dim:
         raise InputError(f"{what}: expected latent size {dim}, got {a.shape[1]} (shape {tuple(a.shape)})")
     _rank_and_batch(a, (dim,), what, "(N, latent)")
-    if a.dtype not in FLOAT_DTYPES:
+    if a.dtype not in _FLOATS:
         raise InputError(f"{what}: expected a float16/32/64 array, got {a.dtype}")
-    a = np.ascontiguousarray(a, np.float32)
+    a = _float32(a)
     _finite(a, what)
     return a
 
@@ -74,12 +86,14 @@ def codes(c, grid: tuple[int, int], codebook_size: int, what: str = "codes") -> 
     """Code grids (N, h, w) of integers in [0, codebook_size)."""
     a = _array(c, what)
     _rank_and_batch(a, grid, what, "(N, h, w)")
-    if not np.issubdtype(a.dtype, np.integer):
+    if a.dtype.kind not in "iu":  # signed or unsigned integers (not bool)
         raise InputError(f"{what}: expected an integer array, got {a.dtype}")
-    amin, amax = int(a.min()), int(a.max())
+    if a.dtype == np.int64 and np.maximum.reduce(a.view(np.uint64), None) < codebook_size:
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # one pass: negatives read >= 2**63
+    amin, amax = int(np.minimum.reduce(a, None)), int(np.maximum.reduce(a, None))
     if amin < 0 or amax >= codebook_size:
         raise InputError(f"{what}: expected codes in [0, {codebook_size}), got [{amin}, {amax}]")
-    return np.ascontiguousarray(a, np.int64)
+    return a if a.dtype == np.int64 and a.flags.c_contiguous else np.ascontiguousarray(a, np.int64)
 
 
 def count(n, what: str = "n") -> int:

@@ -15,6 +15,7 @@ import numpy as np
 
 from vaeinfer import likelihood as lik
 from vaeinfer.bundle import Bundle
+from vaeinfer.inputs import all_finite
 from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, VaeinferError
 from vaeinfer.manifest import PRECISIONS
 from vaeinfer.results import ModelInfo
@@ -52,7 +53,11 @@ class Graph:
         self._check_signature()
         self._output_names = [t.name for t in spec.outputs]
         self._float_outputs = [i for i, t in enumerate(spec.outputs) if t.dtype == "float32"]
+        # built once, not per call: what each checked float output is called in errors
+        self._finite_checks = tuple((i, f"{what} output {self._output_names[i]}") for i in self._float_outputs)
         self._trailing = [tuple(t.shape[1:]) for t in spec.outputs]
+        # every axis but the batch fixed: one tuple comparison per output checks its shape
+        self._fixed_trailing = self._trailing if all(map(is_fixed, (d for t in self._trailing for d in t))) else None
         self._session_run = _fast_run(session)
         self.device = device or Device("cpu")
         self.io_binding = bool(io_binding)
@@ -100,8 +105,8 @@ class Graph:
             outs = self._chunk(feeds)
         else:
             outs = self._sequential(feeds, n, step, progress)
-        for i in self._float_outputs:
-            check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
+        for i, what in self._finite_checks:
+            check_finite(outs[i], what)
         return outs
 
     def _sequential(self, feeds: dict[str, np.ndarray], n: int, step: int, progress=None) -> list[np.ndarray]:
@@ -178,6 +183,13 @@ class Graph:
 
     def _check_shapes(self, outs: list[np.ndarray], rows: int) -> None:
         """A graph may declare one output shape and produce another: refuse what the spec does not promise."""
+        fixed = self._fixed_trailing
+        if fixed is not None:  # a plain loop: a generator in all() costs more than the comparisons
+            for out, trailing in zip(outs, fixed):
+                if out.shape != (rows, *trailing):
+                    break
+            else:
+                return
         for out, trailing, t in zip(outs, self._trailing, self.spec.outputs):
             if out.shape[0] != rows or any(d != s for d, s in zip(out.shape[1:], trailing) if is_fixed(s)) \
                     or len(out.shape) != len(trailing) + 1:
@@ -201,8 +213,8 @@ class Graph:
                 raise InputError(f"{self.what}: onnxruntime refused the feeds: {' '.join(str(e).split())[:500]}") from None
             raise run_error(self.what, e) from None
         if not keep_on_device:
-            for i in self._float_outputs:
-                check_finite(outs[i], f"{self.what} output {self._output_names[i]}")
+            for i, what in self._finite_checks:
+                check_finite(outs[i], what)
         return outs
 
     def _run_bound(self, feeds: dict[str, np.ndarray], keep_on_device: bool) -> list:
@@ -346,10 +358,10 @@ def check_finite(a: np.ndarray, what: str) -> None:
     """Refuse NaN/Inf. Small arrays: one isfinite pass. Large ones: one reduction (a sum is finite
     iff every term is, barring overflow); only a non-finite sum pays for the exact check."""
     if a.size <= _SMALL:
-        ok = np.isfinite(a).all()
+        ok = all_finite(a)
     else:
         with np.errstate(over="ignore", invalid="ignore"):  # the sum may overflow or meet inf - inf: no warnings
-            ok = np.isfinite(a.sum()) or np.isfinite(a).all()
+            ok = np.isfinite(a.sum()) or all_finite(a)
     if not ok:
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
         raise OutputError(f"{what}: {bad} of {a.size} values are NaN/Inf; expected finite values "
