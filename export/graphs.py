@@ -45,31 +45,52 @@ class _Prefixed(torch.nn.Module):
         return self.module(*args)
 
 
-def trace(module: torch.nn.Module, spec: GraphSpec, limits: dict | None = None, opset: int = OPSET) -> onnx.ModelProto:
-    """Export `module` with the spec's input/output names and a dynamic batch axis; weights embedded."""
+def trace(module: torch.nn.Module, spec: GraphSpec, limits: dict | None = None, opset: int = OPSET,
+          dims: dict | None = None, sizes: dict | None = None, value_range=(0.0, 1.0)) -> onnx.ModelProto:
+    """Export `module` with the spec's input/output names and a dynamic batch axis; weights embedded.
+
+    Symbolic axes other than the batch (a spatial VAE's height and width) are dynamic too:
+    `dims[name]` is the torch.export Dim (or derived Dim, e.g. 8 * Dim("latent_height")) of each
+    one the inputs use, `sizes[name]` its length in the traced example. The graph's inputs and
+    outputs are then named by the spec's axis names, whatever the exporter called them."""
     _quiet_exporter()
     module = _Prefixed(module.eval()).eval()
-    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, TRACE_BATCH, 0, limits))
-    batch = Dim(BATCH)
+    args = tuple(torch.from_numpy(a) for a in example_inputs(spec, TRACE_BATCH, 0, limits, sizes, value_range))
+    axes = {BATCH: Dim(BATCH), **(dims or {})}
+    dynamic = tuple({i: axes[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
     try:
         with warnings.catch_warnings():
             # torch's own deprecation inside its exporter; nothing the caller can act on
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             program = torch.onnx.export(
                 module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs], dynamic_shapes=(tuple({0: batch} for _ in args),),  # *args
+                output_names=[t.name for t in spec.outputs], dynamic_shapes=(dynamic,),  # *args
                 external_data=False, opset_version=opset, optimize=True, verbose=False,
             )
     except Exception as e:  # the exporter raises many types; say which graph failed and why
         raise ExportError(f"{spec.role}: torch.onnx.export failed: {type(e).__name__}: {str(e)[:1000]}") from e
     model = program.model_proto
     model.ir_version = min(model.ir_version, IR_VERSION)
+    _name_axes(model, spec)
     _check_io(model, spec)
     return model
 
 
+def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give each dynamic axis of the graph's inputs/outputs the spec's name (the exporter writes
+    its own symbols there, such as `8*latent_height` or `s38`)."""
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        for v, t in zip(values, tensors):
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) != len(t.shape):
+                continue  # _check_io says what is wrong
+            for d, want in zip(dims, t.shape):
+                if isinstance(want, str) and not d.HasField("dim_value"):
+                    d.dim_param = want
+
+
 def _check_io(model: onnx.ModelProto, spec: GraphSpec) -> None:
-    """The traced graph's names, dtypes and shapes are the spec's, with the batch axis dynamic."""
+    """The traced graph's names, dtypes and shapes are the spec's, with the symbolic axes dynamic."""
     dtypes = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 
     def describe(values):
@@ -84,8 +105,8 @@ def _check_io(model: onnx.ModelProto, spec: GraphSpec) -> None:
         return [(t.name, dtypes[t.dtype], [None, *t.shape[1:]]) for t in tensors]
 
     for side, got, want in (("inputs", model.graph.input, spec.inputs), ("outputs", model.graph.output, spec.outputs)):
-        actual = [(n, e, [None if not isinstance(d, int) else d for d in dims]) for n, e, dims in describe(got)]
-        if actual != expected(want):
+        actual = [(n, e, [None, *dims[1:]] if dims else dims) for n, e, dims in describe(got)]
+        if actual != expected(want) or any(isinstance(dims[0], int) for _, _, dims in describe(got) if dims):
             raise ExportError(f"{spec.role}: the traced graph's {side} are {actual}, the spec wants {expected(want)} "
                               "(does the module return what the documented interface says?)")
 

@@ -54,26 +54,31 @@ def max_abs_error(tolerance: float) -> Comparator:
 
 
 def parity(model: onnx.ModelProto, module: torch.nn.Module, spec: GraphSpec, compare: Comparator,
-           limits: dict | None = None, batches=PARITY_BATCHES, seed: int = 0) -> dict:
-    """Run the graph in onnxruntime (CPU) and the module in PyTorch on the same seeded inputs.
+           limits: dict | None = None, batches=PARITY_BATCHES, seed: int = 0, sizes=(None,),
+           feeds: Callable | None = None) -> dict:
+    """Run the graph in onnxruntime (CPU) and the module in PyTorch on the same seeded inputs, at
+    each batch size and each entry of `sizes` (lengths of the symbolic spatial axes, or None).
 
-    Returns per-output figures, the worst over all batch sizes.
+    `feeds(batch, seed, sizes) -> inputs` replaces `example_inputs` where a kind needs its own.
+    Returns per-output figures, the worst over all batch sizes and sizes.
     """
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [t.name for t in spec.outputs]
+    make = feeds or (lambda batch, s, size: example_inputs(spec, batch, s, limits, size))
     worst: dict[str, dict] = {}
-    for batch in batches:
-        feeds = example_inputs(spec, batch, seed + batch, limits)
-        with torch.no_grad():
-            expected = module.eval()(*[torch.from_numpy(a) for a in feeds])
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-        actual = session.run(names, {t.name: a for t, a in zip(spec.inputs, feeds)})
-        for name, e, a in zip(names, expected, actual):
-            e = e.detach().cpu().numpy()
-            if e.shape != a.shape:
-                raise ExportError(f"{spec.role} output {name}: onnxruntime shape {a.shape}, PyTorch {e.shape} at batch {batch}")
-            for key, value in compare(name, e, a, feeds).items():
-                slot = worst.setdefault(name, {})
-                slot[key] = max(slot.get(key, value), value)
+    for size in sizes:
+        for batch in batches:
+            inputs = make(batch, seed + batch, size)
+            with torch.no_grad():
+                expected = module.eval()(*[torch.from_numpy(a) for a in inputs])
+            expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+            actual = session.run(names, {t.name: a for t, a in zip(spec.inputs, inputs)})
+            for name, e, a in zip(names, expected, actual):
+                e = e.detach().cpu().numpy()
+                if e.shape != a.shape:
+                    raise ExportError(f"{spec.role} output {name}: onnxruntime shape {a.shape}, PyTorch {e.shape} "
+                                      f"at batch {batch}" + (f", sizes {size}" if size else ""))
+                for key, value in compare(name, e, a, inputs).items():
+                    slot = worst.setdefault(name, {})
+                    slot[key] = max(slot.get(key, value), value)
     return {name: {k: float(v) for k, v in figures.items()} for name, figures in worst.items()}
-

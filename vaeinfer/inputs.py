@@ -69,6 +69,43 @@ def images(x, shape: tuple[int, int, int], value_range: tuple[float, float], wha
     return a
 
 
+def spatial_size(shape: tuple, multiple: int, min_size: int, what: str, axes: str = "height and width") -> None:
+    """H and W of a (N, C, H, W) shape: multiples of `multiple`, at least `min_size`."""
+    h, w = shape[-2:]
+    if h % multiple or w % multiple or min(h, w) < min_size:
+        raise InputError(f"{what}: expected {axes} multiples of {multiple} and at least {min_size}, got {h}x{w} "
+                         f"(shape {tuple(shape)}); pad or resize to e.g. {_round_up(h, multiple, min_size)}x"
+                         f"{_round_up(w, multiple, min_size)}")
+
+
+def _round_up(n: int, multiple: int, min_size: int) -> int:
+    return max(min_size, -(-n // multiple) * multiple)
+
+
+def spatial_images(x, channels: int, value_range: tuple[float, float], multiple: int, min_size: int,
+                   what: str = "images") -> np.ndarray:
+    """Images (N, C, H, W) of any size whose H and W are multiples of `multiple` (>= min_size)."""
+    a = _array(x, what)
+    if a.ndim != 4 or a.shape[1] != channels:
+        raise InputError(f"{what}: expected shape (N, {channels}, H, W) (N, C, H, W), got {tuple(a.shape)}")
+    spatial_size(a.shape, multiple, min_size, what)
+    return images(a, tuple(a.shape[1:]), value_range, what)
+
+
+def spatial_latents(z, channels: int, min_size: int = 1, what: str = "z") -> np.ndarray:
+    """Spatial latents (N, c, h, w), float, finite."""
+    a = _array(z, what)
+    if a.ndim != 4 or a.shape[1] != channels:
+        raise InputError(f"{what}: expected shape (N, {channels}, h, w) (N, c, h, w), got {tuple(a.shape)}")
+    spatial_size(a.shape, 1, min_size, what, "latent height and width")
+    _rank_and_batch(a, tuple(a.shape[1:]), what, "(N, c, h, w)")
+    if a.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{what}: expected a float16/32/64 array, got {a.dtype}")
+    a = np.ascontiguousarray(a, np.float32)
+    _finite(a, what)
+    return a
+
+
 def latents(z, dim: int, what: str = "z") -> np.ndarray:
     """Latent vectors (N, dim), float, finite."""
     a = _array(z, what)

@@ -27,7 +27,7 @@ from vaeinfer.spec import GraphSpec
 FORMAT = "vaeinfer-bundle"
 FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace")  # laplace: spatial-vae only (see vaeinfer.kinds)
 PRECISIONS = ("fp32", "fp16", "int8")
 STEP_ROLES = ("prior_row", "prior_step")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -47,7 +47,7 @@ class Manifest:
     format_version: str
     image: tuple[int, int, int]  # (C, H, W)
     value_range: tuple[float, float]
-    latent: dict  # parsed by the kind (vaeinfer.kinds): VAE {"dim"}; VQ {"grid", "codebook_size", "code_dim"}
+    latent: dict  # parsed by the kind (vaeinfer.kinds): VAE {"dim"}; VQ {"grid", "codebook_size", "code_dim"}; ...
     likelihood: dict  # {"kind", "scale"?}
     graphs: dict[str, GraphFile]
     variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
@@ -99,20 +99,24 @@ def parse(data: dict) -> Manifest:
     entry = kinds.get(kind)
     image = _get(data, "image", dict, "")
     shape = tuple(_positive(image, k, "image", 4096) for k in ("channels", "height", "width"))
-    if shape[0] not in (1, 3):
-        raise BundleError(f"manifest: expected image.channels 1 or 3, got {shape[0]}")
+    if shape[0] not in entry.channels:
+        raise BundleError(f"manifest: expected image.channels in {entry.channels} for a {kind} bundle, got {shape[0]}")
     lo_hi = _get(image, "range", list, "image")
     if len(lo_hi) != 2 or not all(_finite(v) for v in lo_hi) \
             or not lo_hi[0] < lo_hi[1]:
         raise BundleError(f"manifest: expected image.range [low, high] with low < high, got {lo_hi!r:.60}")
     latent_in = _get(data, "latent", dict, "")
     latent = entry.parse_latent(latent_in)
+    if entry.parse_image is not None:
+        latent = {**latent, **entry.parse_image(image, shape, latent)}
     lik = _get(data, "likelihood", dict, "")
     lik_kind = _get(lik, "kind", str, "likelihood")
     if lik_kind not in LIKELIHOODS:
         raise BundleError(f"manifest: expected likelihood.kind in {LIKELIHOODS}, got {lik_kind!r:.40}")
+    if lik_kind not in entry.likelihoods:
+        raise BundleError(f"manifest: a {kind} bundle takes likelihood.kind in {entry.likelihoods}, got {lik_kind!r}")
     likelihood = {"kind": lik_kind}
-    if lik_kind == "gaussian":
+    if lik_kind in ("gaussian", "laplace") and not (entry.scale_optional and "scale" not in lik):
         scale = _get(lik, "scale", (int, float), "likelihood")
         if not (_finite(scale) and scale > 0):
             raise BundleError(f"manifest: expected a positive likelihood.scale, got {scale}")

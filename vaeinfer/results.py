@@ -9,17 +9,23 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Posterior:
-    """q(z|x) = N(mean, exp(logvar)) for each image; arrays (N, latent)."""
+    """q(z|x) = N(mean, exp(logvar)) for each image; arrays (N, latent) or, for a spatial VAE,
+    (N, c, h, w). A deterministic encoder (AutoencoderTiny, VQModel) gives logvar None: std is
+    then zero and sample() returns the mean."""
 
     mean: np.ndarray
-    logvar: np.ndarray
+    logvar: np.ndarray | None
 
     @property
     def std(self) -> np.ndarray:
+        if self.logvar is None:
+            return np.zeros_like(self.mean)
         return np.exp(0.5 * self.logvar)
 
     def sample(self, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
         """z = mean + temperature * std * eps, eps from numpy's Generator seeded with `seed`."""
+        if self.logvar is None:
+            return self.mean.copy()
         eps = np.random.default_rng(seed).standard_normal(self.mean.shape, dtype=np.float32)
         return (self.mean + np.float32(temperature) * self.std * eps).astype(np.float32)
 
@@ -56,7 +62,7 @@ class Score:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    kind: str  # vae | vqvae
+    kind: str  # vae | vqvae | spatial-vae
     format_version: str
     image_shape: tuple[int, int, int]  # (C, H, W)
     value_range: tuple[float, float]

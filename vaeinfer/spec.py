@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 BATCH = "batch"
+# the symbolic spatial axes of a spatial VAE's graphs (dynamic height and width)
+HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH = "height", "width", "latent_height", "latent_width"
 DTYPES = ("float32", "int64")
 # onnxruntime's type strings for the dtypes above
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
@@ -121,4 +123,17 @@ def prior_step_graphs(grid: tuple[int, int], codebook_size: int, num_classes: in
             "prior_step", (TensorSpec("left", "int64", (BATCH, k)), TensorSpec("h_cache", "float32", h_cache),
                            TensorSpec("context", "float32", (BATCH, layers, 2 * channels))),
             (TensorSpec("logits", "float32", (BATCH, codebook_size)), TensorSpec("next_h_cache", "float32", h_cache))),
+    }
+
+
+def spatial_vae_graphs(channels: int, latent_channels: int, stochastic: bool = True) -> dict[str, GraphSpec]:
+    """Spatial-latent VAE (latent-diffusion autoencoders): encoder x (N, C, height, width) ->
+    mean [, logvar] (N, c, latent_height, latent_width); decoder z -> params (N, C, height, width).
+    Height and width are dynamic (multiples of the downsampling factor, see the manifest)."""
+    image = (BATCH, channels, HEIGHT, WIDTH)
+    latent = (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    outputs = (TensorSpec("mean", "float32", latent),) + ((TensorSpec("logvar", "float32", latent),) if stochastic else ())
+    return {
+        "encoder": GraphSpec("encoder", (TensorSpec("x", "float32", image),), outputs),
+        "decoder": GraphSpec("decoder", (TensorSpec("z", "float32", latent),), (TensorSpec("params", "float32", image),)),
     }

@@ -100,33 +100,42 @@ class VAE(Model):
         `vaeinfer.ray` does) gives the scores of one call over all of it. Memory stays bounded: at
         most `batch_size` (default 512) decoder rows at once.
         """
-        x = self._x(x)
-        k = inputs.count(samples, "samples")
-        seed = inputs.seed(seed) or 0
-        if not isinstance(index_offset, (int, np.integer)) or isinstance(index_offset, bool) or index_offset < 0:
-            raise inputs.InputError(f"index_offset: expected a non-negative integer, got {index_offset!r}")
-        offset = int(index_offset)
-        rows = inputs.batch_size(batch_size) or DEFAULT_BATCH
-        per_chunk = max(1, rows // k)
-        nll, elbo, recon = (np.empty(len(x)) for _ in range(3))
-        for start in range(0, len(x), per_chunk):
-            xs = x[start:start + per_chunk]
-            post = self.encode(xs, rows)
-            eps = np.stack([np.random.default_rng([seed, offset + start + i]).standard_normal(
-                (k, self.latent_dim), dtype=np.float32) for i in range(len(xs))])  # (B, K, Z)
-            with np.errstate(over="ignore", invalid="ignore"):
-                z = post.mean[:, None] + post.std[:, None] * eps
-            check_finite(z, f"{self.manifest.name}/encoder posterior samples (mean + std * eps)")
-            params = self.decode_params(z.reshape(-1, self.latent_dim), rows)
-            lpx = lik.log_prob(np.repeat(xs, k, axis=0), params, self.manifest.likelihood).reshape(len(xs), k)
-            z64, eps64 = z.astype(np.float64), eps.astype(np.float64)
-            log_pz = priors.standard_normal_log_prob(z64) if self.prior is None else self.prior.log_prob(z64)
-            log_qz = -0.5 * (eps64 ** 2 + _LOG_2PI + post.logvar.astype(np.float64)[:, None]).sum(axis=2)
-            log_w = lpx + log_pz - log_qz
-            top = log_w.max(axis=1, keepdims=True)
-            lse = top[:, 0] + np.log(np.exp(log_w - top).sum(axis=1))
-            end = start + len(xs)
-            nll[start:end] = -(lse - math.log(k))
-            elbo[start:end] = -log_w.mean(axis=1)
-            recon[start:end] = -lpx.mean(axis=1)
-        return Score(nll=nll, elbo=elbo, recon=recon)
+        log_prior = None if self.prior is None else self.prior.log_prob
+        return iwae_score(self, self._x(x), samples, seed, batch_size, index_offset, (self.latent_dim,), log_prior)
+
+
+def iwae_score(model, x: np.ndarray, samples: int, seed: int, batch_size: int | None, index_offset: int,
+               latent_shape: tuple[int, ...], log_prior=None) -> Score:
+    """The IWAE scores of checked images x under `model` (its encode(x, rows) -> Posterior and
+    decode_params(z, rows)), with latents of `latent_shape` per image (see VAE.score).
+    log_prior(z (..., Z) float64) -> log p(z): a learned prior (vaeinfer.priors); default N(0, I)."""
+    k = inputs.count(samples, "samples")
+    seed = inputs.seed(seed) or 0
+    if not isinstance(index_offset, (int, np.integer)) or isinstance(index_offset, bool) or index_offset < 0:
+        raise inputs.InputError(f"index_offset: expected a non-negative integer, got {index_offset!r}")
+    offset = int(index_offset)
+    rows = inputs.batch_size(batch_size) or DEFAULT_BATCH
+    per_chunk = max(1, rows // k)
+    axes = tuple(range(2, 2 + len(latent_shape)))
+    nll, elbo, recon = (np.empty(len(x)) for _ in range(3))
+    for start in range(0, len(x), per_chunk):
+        xs = x[start:start + per_chunk]
+        post = model.encode(xs, batch_size=rows)
+        eps = np.stack([np.random.default_rng([seed, offset + start + i]).standard_normal(
+            (k, *latent_shape), dtype=np.float32) for i in range(len(xs))])  # (B, K, *latent)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = post.mean[:, None] + post.std[:, None] * eps
+        check_finite(z, f"{model.manifest.name}/encoder posterior samples (mean + std * eps)")
+        params = model.decode_params(z.reshape(-1, *latent_shape), batch_size=rows)
+        lpx = lik.log_prob(np.repeat(xs, k, axis=0), params, model.manifest.likelihood).reshape(len(xs), k)
+        z64, eps64 = z.astype(np.float64), eps.astype(np.float64)
+        log_pz = -0.5 * (z64 ** 2 + _LOG_2PI).sum(axis=axes) if log_prior is None else log_prior(z64)
+        log_qz = -0.5 * (eps64 ** 2 + _LOG_2PI + post.logvar.astype(np.float64)[:, None]).sum(axis=axes)
+        log_w = lpx + log_pz - log_qz
+        top = log_w.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(log_w - top).sum(axis=1))
+        end = start + len(xs)
+        nll[start:end] = -(lse - math.log(k))
+        elbo[start:end] = -log_w.mean(axis=1)
+        recon[start:end] = -lpx.mean(axis=1)
+    return Score(nll=nll, elbo=elbo, recon=recon)

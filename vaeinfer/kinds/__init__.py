@@ -37,6 +37,11 @@ class Kind:
     scorable: bool = False  # has `score` (an ELBO): a Gaussian latent with an encoder posterior
     prior_slot: bool = False  # the manifest may carry `prior` (and a prior graph)
     latent_prior_slot: bool = False  # the manifest may carry `latent_prior` (a learned mixture, vaeinfer.priors)
+    channels: tuple[int, ...] = (1, 3)  # the image channel counts the kind takes
+    likelihoods: tuple[str, ...] = ("bernoulli", "gaussian")
+    scale_optional: bool = False  # a Gaussian/Laplace likelihood may state no scale (then: no score)
+    # (manifest image slot, (C, H, W), parsed latent) -> more facts merged into the parsed latent
+    parse_image: Callable[[dict, tuple, dict], dict] | None = None
 
     def runtime_class(self) -> type:
         module, _, cls = self.runtime.partition(":")
@@ -59,4 +64,4 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-from vaeinfer.kinds import vae, vqvae  # noqa: E402,F401  (each registers itself)
+from vaeinfer.kinds import spatial_vae, vae, vqvae  # noqa: E402,F401  (each registers itself)

@@ -1,0 +1,51 @@
+"""kind "spatial-vae": spatial latents (N, c, H / f, W / f) with dynamic height and width;
+encoder x -> mean [, logvar], decoder z -> params. Latent-diffusion autoencoders imported from
+diffusers (AutoencoderKL, AutoencoderTiny, VQModel; see export/diffusers.py) and conv VAEs with
+spatial latents. Runtime: vaeinfer.spatial.SpatialVAE; export: export.spatial."""
+
+from __future__ import annotations
+
+from vaeinfer.errors import BundleError
+from vaeinfer.kinds import Kind, register
+from vaeinfer.manifest_fields import finite, get, positive
+from vaeinfer.spec import spatial_vae_graphs
+
+
+def parse_latent(latent: dict) -> dict:
+    """{"channels", "downsample", "scaling_factor" (1.0 when absent), "shift_factor" (0.0),
+    "stochastic" (the encoder gives logvar too), "quantized" (the decoder quantizes: VQModel)}."""
+    out = {"channels": positive(latent, "channels", "latent", 4096),
+           "downsample": positive(latent, "downsample", "latent", 1024)}
+    for key, default in (("scaling_factor", 1.0), ("shift_factor", 0.0)):
+        value = latent.get(key, default)
+        if not finite(value) or (key == "scaling_factor" and value <= 0):
+            want = "a finite number > 0" if key == "scaling_factor" else "a finite number"
+            raise BundleError(f"manifest: expected latent.{key} to be {want}, got {value!r:.40}")
+        out[key] = float(value)
+    for key in ("stochastic", "quantized"):
+        out[key] = get(latent, key, bool, "latent")
+    return out
+
+
+def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
+    """The image slot's size rules, kept with the latent facts: "multiple_of" (H and W must be
+    multiples of it; default the downsampling factor) and "min_size" (default multiple_of)."""
+    f = latent["downsample"]
+    multiple = positive(image, "multiple_of", "image", 4096) if "multiple_of" in image else f
+    if multiple % f:
+        raise BundleError(f"manifest: expected image.multiple_of to be a multiple of latent.downsample ({f}), got {multiple}")
+    min_size = positive(image, "min_size", "image", 4096) if "min_size" in image else multiple
+    if shape[1] % multiple or shape[2] % multiple or min(shape[1:]) < min_size:
+        raise BundleError(f"manifest: expected image.height/width (the native size) to be multiples of {multiple} "
+                          f"and >= {min_size}, got {shape[1]}x{shape[2]}")
+    return {"multiple_of": multiple, "min_size": min_size}
+
+
+KIND = register(Kind(
+    name="spatial-vae", runtime="vaeinfer.spatial:SpatialVAE", export_module="export.spatial",
+    parse_latent=parse_latent,
+    graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
+    int_limits=lambda m: {},
+    latent_keys=("z", "mean", "arr_0"), scorable=True,
+    channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image,
+))
