@@ -108,21 +108,118 @@ def _finish(model: onnx.ModelProto, precision: str) -> bytes:
     return model.SerializeToString()
 
 
-def make_fp16(data: bytes) -> bytes:
-    """fp16 weights and arithmetic, fp32 inputs/outputs; output and codebook-distance nodes stay fp32."""
+FP16_MAX = 65504.0
+# an fp32 intermediate above this magnitude stays fp32 in the fp16 variant: fp16 tops out at
+# 65504, and the converted node's own arithmetic (a GroupNorm's sum of squares, an attention
+# softmax's logits) needs headroom above the values it writes
+FP16_SAFE = FP16_MAX / 16
+FP16_MAX_ROUNDS = 8  # rounds of "block the first non-finite nodes, convert again" before refusing
+
+
+def _with_intermediates(model: onnx.ModelProto, dtypes: set[int]) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    """A copy of `model` whose every node output of a float type in `dtypes` is also a graph
+    output; returns it and the (tensor, node name) pairs in graph order."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output,
+                                                              *inferred.graph.input)}
+    probe = copy.deepcopy(model)
+    present = {o.name for o in probe.graph.output}
+    tensors = []
+    for node in probe.graph.node:
+        for out in node.output:
+            if out and types.get(out) in dtypes:
+                tensors.append((out, node.name))
+                if out not in present:
+                    probe.graph.output.append(onnx.helper.make_tensor_value_info(out, types[out], None))
+                    present.add(out)
+    return probe, tensors
+
+
+def _node_ranges(model: onnx.ModelProto, feeds: list[dict], dtypes: set[int]) -> dict[str, float]:
+    """The largest |value| (inf/nan as inf) each node writes, over `feeds`."""
+    probe, tensors = _with_intermediates(model, dtypes)
+    session = _session(probe.SerializeToString())
+    names = [t for t, _ in tensors]
+    worst: dict[str, float] = {}
+    for feed in feeds:
+        outs = session.run(names, feed)
+        for (_, node), value in zip(tensors, outs):
+            v = np.asarray(value, np.float32)
+            m = float(np.max(np.abs(v))) if v.size and np.isfinite(v).all() else (float("inf") if v.size else 0.0)
+            worst[node] = max(worst.get(node, 0.0), m)
+    return worst
+
+
+def fp16_overflow_nodes(model: onnx.ModelProto, feeds: list[dict], limit: float = FP16_SAFE) -> dict[str, float]:
+    """Nodes of an fp32 graph that write values above `limit` in magnitude on `feeds`: name -> max |value|."""
+    ranges = _node_ranges(model, feeds, {onnx.TensorProto.FLOAT})
+    return {node: m for node, m in ranges.items() if m > limit}
+
+
+def make_fp16(data: bytes, feeds: list[dict] | None = None, report: dict | None = None) -> bytes:
+    """fp16 weights and arithmetic, fp32 inputs/outputs; codebook-distance nodes stay fp32.
+
+    With `feeds` (real-looking inputs: the overflow of SD-family decoders shows on those, not on
+    noise), fp16 is made safe: the nodes whose fp32 outputs exceed FP16_SAFE stay fp32, then the
+    fp16 graph runs on the feeds and, while any output is non-finite, the first nodes that write
+    non-finite values (their inputs all finite) stay fp32 too; after FP16_MAX_ROUNDS rounds,
+    ExportError names them. `report`, if given, receives what was kept in fp32 and why.
+    """
     from onnxconverter_common import float16
 
     model = _named(onnx.load_from_string(data))
     # fp16 keeps the output layers in fp16 too (a block-listed node that writes a graph output
     # makes the converter emit an fp16 output despite keep_io_types; fp16's 11 bits of mantissa
     # are ample for logits); only the codebook distances stay fp32
-    keep = keep_fp32_nodes(model, outputs=False)
-    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep or None)
+    keep = set(keep_fp32_nodes(model, outputs=False))
+    overflow = fp16_overflow_nodes(model, feeds) if feeds else {}
+    keep |= set(overflow)
+    found: list[str] = []
+    for _ in range(FP16_MAX_ROUNDS + 1):
+        half = float16.convert_float_to_float16(copy.deepcopy(model), keep_io_types=True,
+                                                node_block_list=sorted(keep) or None)
+        if not feeds:
+            break
+        bad = _first_non_finite(half, feeds)
+        if not bad:
+            break
+        if set(bad) <= keep:
+            raise ExportError(f"the fp16 graph stays non-finite with nodes {sorted(bad)[:10]} kept in fp32")
+        found += sorted(set(bad) - keep)
+        keep |= set(bad)
+    else:
+        raise ExportError(f"fp16: after {FP16_MAX_ROUNDS} rounds the graph still overflows; nodes that overflow: "
+                          f"{sorted(overflow)[:20] + found[:20]}; use the fp32 graph (or int8)")
     want = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
     got = {v.name: v.type.tensor_type.elem_type for v in (*half.graph.input, *half.graph.output)}
     if got != want:
         raise ExportError(f"the fp16 conversion changed the graph's input/output types: {got}, expected {want}")
+    if report is not None:
+        ops = {n.name: n.op_type for n in model.graph.node}
+        report.update({"overflow_threshold": FP16_SAFE,
+                       "fp32_overflow": {n: {"op": ops.get(n), "max_abs": m} for n, m in sorted(overflow.items())},
+                       "non_finite_in_fp16": [{"node": n, "op": ops.get(n)} for n in found],
+                       "fp32_nodes": len(keep)})
     return _finish(half, "fp16")
+
+
+def _first_non_finite(half: onnx.ModelProto, feeds: list[dict]) -> list[str]:
+    """Nodes of an fp16 graph that write NaN/Inf on `feeds` while none of their inputs has any
+    (where the overflow starts); empty when every output is finite."""
+    session = _session(half.SerializeToString())
+    outs = [o.name for o in half.graph.output]
+    if all(np.isfinite(v).all() for f in feeds for v in session.run(outs, f)):
+        return []
+    probe, tensors = _with_intermediates(half, {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16})
+    session = _session(probe.SerializeToString())
+    names = [t for t, _ in tensors]
+    bad_tensors = set()
+    for f in feeds:
+        for t, v in zip(names, session.run(names, f)):
+            if not np.isfinite(np.asarray(v, np.float32)).all():
+                bad_tensors.add(t)
+    return sorted({n.name for n in half.graph.node
+                   if any(o in bad_tensors for o in n.output) and not any(i in bad_tensors for i in n.input)})
 
 
 class _Reader:
@@ -265,13 +362,15 @@ def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.nd
     x = np.ascontiguousarray(images, np.float32)
     try:
         errors = {}
-        if ref.info.kind == "vae":
+        if ref.manifest.specs()["encoder"].outputs[0].name == "mean":
             pa, pb = ref.encode(x), var.encode(x)
-            errors["encoder"] = {"mean": _err(pa.mean, pb.mean), "logvar": _err(pa.logvar, pb.logvar)}
+            errors["encoder"] = {"mean": _err(pa.mean, pb.mean)}
+            if pa.logvar is not None:
+                errors["encoder"]["logvar"] = _err(pa.logvar, pb.logvar)
             errors["decoder"] = {"params": _err(ref.decode_params(pa.mean), var.decode_params(pa.mean)),
                                  "images": _err(ref.decode(pa.mean), var.decode(pa.mean))}
             errors["reconstruction"] = _err(ref.decode(pa.mean), var.decode(pb.mean))
-            if nll_images:
+            if nll_images and "scale" in ref.manifest.likelihood and pa.logvar is not None:
                 xs = x[:nll_images]
                 na = ref.score(xs, samples=nll_samples, seed=seed).nll
                 nb = var.score(xs, samples=nll_samples, seed=seed).nll
@@ -353,9 +452,12 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     for precision in dict.fromkeys(precisions):
         say(f"{precision}: converting {', '.join(fp32)}")
         graphs = {}
+        reports = {}
         for role, data in fp32.items():
             if precision == "fp16":
-                graphs[role] = make_fp16(data)
+                # fp16 safety checked on the calibration images' own feeds (real-looking inputs)
+                reports[role] = {}
+                graphs[role] = make_fp16(data, _chunks(feeds[role], calibration_batch), reports[role])
             else:
                 graphs[role] = make_int8(data, _chunks(feeds[role], calibration_batch), keep_outputs, method, percentile)
         made[precision] = graphs
@@ -365,6 +467,8 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
         manifest["variants"][precision] = {
             "graphs": {role: {"file": f"{role}.{precision}.onnx", "sha256": sha256(data)}
                        for role, data in graphs.items()}}
+        if reports:
+            manifest["variants"][precision]["fp16_safety"] = reports
     # a first write to a scratch copy, so that the runtime itself can evaluate the variants
     with tempfile.TemporaryDirectory(prefix="vaeinfer-variants-") as tmp:
         scratch = write_bundle(Path(tmp) / "bundle", manifest, files)
@@ -395,7 +499,8 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
 def _method(precision: str, keep_outputs: bool, method: str, percentile: float) -> dict:
     if precision == "fp16":
         return {"tool": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
-                "fp32_nodes": "codebook distances (VQ)"}
+                "fp32_nodes": "codebook distances (VQ), and the nodes that overflow fp16 on the calibration "
+                              "images (fp32 values above fp16_safety.overflow_threshold, or NaN/Inf in fp16)"}
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8 asymmetric",
             "weights": "int8 symmetric per-channel", "calibration": method,
             **({"percentile": percentile} if method == "Percentile" else {}),

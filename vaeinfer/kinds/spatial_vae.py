@@ -5,6 +5,8 @@ spatial latents. Runtime: vaeinfer.spatial.SpatialVAE; export: export.spatial.""
 
 from __future__ import annotations
 
+import numpy as np
+
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import finite, get, positive
@@ -27,6 +29,15 @@ def parse_latent(latent: dict) -> dict:
     return out
 
 
+def feeds_from_encoder(manifest, enc, labels, rng) -> dict:
+    """The decoder on posterior samples z = mean + std * eps (the mean for a deterministic encoder)."""
+    mean = enc[0]
+    if len(enc) == 1:
+        return {"decoder": {"z": np.ascontiguousarray(mean, np.float32)}}
+    eps = rng.standard_normal(mean.shape, dtype=np.float32)
+    return {"decoder": {"z": (mean + np.exp(0.5 * enc[1]) * eps).astype(np.float32)}}
+
+
 def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
     """The image slot's size rules, kept with the latent facts: "multiple_of" (H and W must be
     multiples of it; default the downsampling factor) and "min_size" (default multiple_of)."""
@@ -43,7 +54,7 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
 
 KIND = register(Kind(
     name="spatial-vae", runtime="vaeinfer.spatial:SpatialVAE", export_module="export.spatial",
-    parse_latent=parse_latent,
+    parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},
     latent_keys=("z", "mean", "arr_0"), scorable=True,
