@@ -85,18 +85,24 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: expected a readable .npy/.npz file of numeric arrays ({e})") from e
 
 
-def load_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Image files -> float32 (N, C, H, W) in [0, 1]; each must already be H x W."""
-    return np.stack([read_image(p, channels, size, str(p)).astype(np.float32) / 255.0 for p in paths])
+def load_images(paths: list[str | Path], channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """Image files -> float32 (N, C, H, W) in [0, 1]; each must already be H x W (size None: any
+    size, the first file's for all)."""
+    out = []
+    for p in paths:
+        out.append(read_image(p, channels, size, str(p)).astype(np.float32) / 255.0)
+        size = size or out[0].shape[1:]
+    return np.stack(out)
 
 
-def read_image(source, channels: int, size: tuple[int, int], what: str) -> np.ndarray:
-    """One image (a path or a binary file object) -> uint8 (C, H, W); it must already be H x W.
-    The size is checked before any pixel is decoded (a small file can hold a huge image)."""
-    mode = "L" if channels == 1 else "RGB"
+def read_image(source, channels: int, size: tuple[int, int] | None, what: str) -> np.ndarray:
+    """One image (a path or a binary file object) -> uint8 (C, H, W); it must already be H x W
+    (None: any size). The size is checked before any pixel is decoded (a small file can hold a
+    huge image)."""
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
     try:
         with Image.open(source) as im:
-            if (im.height, im.width) != tuple(size):
+            if size is not None and (im.height, im.width) != tuple(size):
                 raise InputError(f"{what}: expected an image of {size[0]}x{size[1]} pixels, got {im.height}x{im.width}")
             a = np.asarray(im.convert(mode), np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:

@@ -91,7 +91,25 @@ def _read_images(model, paths: tuple[str, ...]) -> np.ndarray:
             raise InputError(f"{paths[0]}: expected an array of images, the file holds none")
         return arrays[key]
     c, h, w = model.info.image_shape
-    return image_io.load_images(list(paths), c, (h, w))
+    # a spatial VAE takes any size its downsampling allows (checked by the model); files are 0..1
+    size = None if "multiple_of" in model.info.latent else (h, w)
+    lo, hi = model.info.value_range
+    return image_io.load_images(list(paths), c, size) * np.float32(hi - lo) + np.float32(lo)
+
+
+def _unit(model, images: np.ndarray) -> np.ndarray:
+    """Images in the model's value range -> 0..1, for PNG files."""
+    lo, hi = model.info.value_range
+    return images if (lo, hi) == (0.0, 1.0) else (images - np.float32(lo)) / np.float32(hi - lo)
+
+
+def _spatial_options(model, **options) -> dict:
+    """The options only a spatial VAE takes (tile, scaled), when given; an error for other kinds."""
+    given = {k: v for k, v in options.items() if v not in (None, False)}
+    if given and "multiple_of" not in model.info.latent:
+        flags = ", ".join(f"--{k}" for k in given)
+        raise InputError(f"{flags} apply to spatial-vae models; {model.info.name} is a {model.info.kind}")
+    return given
 
 
 def _check_out(out: str, suffixes: tuple[str, ...] = (*image_io.GRID_SUFFIXES, *ARRAY_SUFFIXES)) -> None:
@@ -100,10 +118,11 @@ def _check_out(out: str, suffixes: tuple[str, ...] = (*image_io.GRID_SUFFIXES, *
         raise InputError(f"{out}: expected an output ending in {' or '.join(suffixes)}")
 
 
-def _write_images(images: np.ndarray, out: str, nrow: int | None = None, **extra) -> None:
+def _write_images(images: np.ndarray, out: str, nrow: int | None = None, model=None, **extra) -> None:
+    """.npy/.npz: the images as they are (the model's value range); PNG: mapped to 0..1 first."""
     _check_out(out)
     if Path(out).suffix.lower() in ARRAY_SUFFIXES:
         image_io.save_arrays(out, images=images, **extra)
     else:
-        image_io.save_grid(images, out, nrow)
+        image_io.save_grid(images if model is None else _unit(model, images), out, nrow)
     click.echo(f"wrote {out} ({len(images)} images)", err=True)

@@ -178,7 +178,7 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
 
 @main.command("export")
 @click.argument("checkpoint", required=False, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
 @click.option("--name", default=None, help="The model's name in the manifest (default: the folder name).")
 @click.option("--modules", default=None,
               help="Export your own modules instead: FILE.py:FUNC or package.module:FUNC, a function returning "
@@ -193,12 +193,28 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
                    "validated against fp32 on held-out images; its errors and speed-up go into the manifest.")
 @click.option("--calibration-data", default=None, type=click.Path(exists=True),
               help="With --modules and --precision: training images to calibrate on (.npy/.npz, IDX, image folder).")
-def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, precisions, calibration_data):
-    """Export a run folder (or its checkpoint.json), or your own modules, to a validated ONNX bundle."""
+@click.option("--from-diffusers", "diffusers_src", default=None, type=click.Path(exists=True),
+              help="Import a diffusers AutoencoderKL / AutoencoderTiny / VQModel: a save_pretrained folder "
+                   "(config.json + safetensors) or a single .safetensors file (with --config). Local files only; "
+                   "needs the diffusers extra. --precision fp16/int8 calibrate on synthetic smooth images.")
+@click.option("--config", "diffusers_config", default=None, type=click.Path(exists=True),
+              help="With --from-diffusers FILE.safetensors: its diffusers config folder or config.json.")
+def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, precisions, calibration_data,
+               diffusers_src, diffusers_config):
+    """Export a run folder (or its checkpoint.json), your own modules, or a diffusers autoencoder
+    (--from-diffusers) to a validated ONNX bundle."""
     _training_side()
     from export import export_checkpoint, export_vae
 
-    if modules:
+    if diffusers_src:
+        if checkpoint or modules:
+            raise click.UsageError("--from-diffusers takes no CHECKPOINT argument and no --modules")
+        from export.diffusers import from_diffusers
+
+        path = from_diffusers(diffusers_src, out, name=name, config=diffusers_config, precisions=precisions,
+                              progress=lambda message: click.echo(message, err=True))
+        precisions = ()  # made and validated by from_diffusers
+    elif modules:
         if checkpoint or not image_shape:
             raise click.UsageError("--modules takes --image-shape CxHxW and no CHECKPOINT argument")
         encoder, decoder = _import_function(modules)()

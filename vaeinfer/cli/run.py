@@ -12,7 +12,8 @@ import vaeinfer
 from vaeinfer import images as image_io
 from vaeinfer import kinds
 from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
-from vaeinfer.cli.common import _check_out, _load, _progress, _read_images, _write_images, main, model_option
+from vaeinfer.cli.common import (_check_out, _load, _progress, _read_images, _spatial_options, _write_images, main,
+                                 model_option)
 from vaeinfer.errors import InputError
 
 
@@ -31,36 +32,46 @@ from vaeinfer.errors import InputError
 @click.option("-o", "--out", default="samples.png", show_default=True,
               help="Output: .png, .jpg or .webp (a grid), .npy or .npz (float32 images N, C, H, W).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
-def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow):
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Spatial VAE: image height (default: native).")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Spatial VAE: image width (default: native).")
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (bounded memory).")
+def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow,
+           height, width, tile):
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
     _check_out(out)
     m = _load(model, device, threads, precision)
-    asked = {"top_k": top_k, "top_p": top_p, "label": label}
+    asked = {"top_k": top_k, "top_p": top_p, "label": label, "height": height, "width": width, "tile": tile}
     allowed = kinds.get(m.info.kind).sample_options
     kwargs = {k: v for k, v in asked.items() if k in allowed}
     refused = [k for k, v in asked.items() if k not in allowed and v is not None]
     if refused:
         flags = ", ".join("--" + k.replace("_", "-") for k in refused)
         raise InputError(f"{flags} do not apply to {m.info.name}, a {m.info.kind} model "
-                         f"(--top-k, --top-p and --label apply to VQ-VAE models)")
+                         f"(--top-k, --top-p and --label apply to VQ-VAE models; --height, --width and --tile "
+                         f"to spatial-vae models)")
     bar, advance = _progress(n, "sampling")
     with bar:
         imgs = m.sample(n, seed=seed, temperature=temperature, batch_size=batch_size, progress=advance, **kwargs)
-    _write_images(imgs, out, nrow)
+    _write_images(imgs, out, nrow, model=m)
 
 
 @main.command()
 @model_option
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", default="latents.npz", show_default=True,
-              help="Output .npz: VAE mean and logvar (N, Z); VQ-VAE codes (N, h, w) and z_q.")
+              help="Output .npz: VAE mean and logvar (N, Z) (spatial: N, c, h, w; logvar absent for a "
+                   "deterministic encoder); VQ-VAE codes (N, h, w) and z_q.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-def encode(model, device, threads, precision, inputs, out, batch_size):
+@click.option("--scaled", is_flag=True, help="Spatial VAE: write diffusion latents ((z - shift) * scaling_factor).")
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Spatial VAE: encode in overlapping, blended tiles of this many image pixels (bounded memory).")
+def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents."""
     _check_out(out, (".npz",))
     m = _load(model, device, threads, precision)
-    result = m.encode(_read_images(m, inputs), batch_size=batch_size)
-    arrays = {k: getattr(result, k) for k in result.__dataclass_fields__}
+    result = m.encode(_read_images(m, inputs), batch_size=batch_size, **_spatial_options(m, scaled=scaled, tile=tile))
+    arrays = {k: getattr(result, k) for k in result.__dataclass_fields__ if getattr(result, k) is not None}
     image_io.save_arrays(out, **arrays)
     click.echo(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})", err=True)
 
@@ -70,7 +81,11 @@ def encode(model, device, threads, precision, inputs, out, batch_size):
 @click.argument("latents", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", default="decoded.png", show_default=True, help="Output .png/.jpg/.webp grid, .npy or .npz.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-def decode(model, device, threads, precision, latents, out, batch_size):
+@click.option("--scaled", is_flag=True, help="Spatial VAE: the latents are diffusion latents (z / scaling_factor + shift).")
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (64 = 512 "
+                   "image pixels at 8x), in bounded memory.")
+def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile):
     """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images."""
     _check_out(out)
     m = _load(model, device, threads, precision)
@@ -79,7 +94,13 @@ def decode(model, device, threads, precision, latents, out, batch_size):
     key = next((k for k in keys if k in arrays), None)
     if key is None:
         raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
-    _write_images(m.decode(arrays[key], batch_size=batch_size), out)
+    options = _spatial_options(m, scaled=scaled, tile=tile)
+    z = arrays[key]
+    total = m.tile_count(np.shape(z), tile) if tile and np.ndim(z) == 4 else (len(z) if np.ndim(z) else 1)
+    bar, advance = _progress(total, "decoding tiles" if tile else "decoding")
+    with bar:
+        images = m.decode(z, batch_size=batch_size, progress=advance, **options)
+    _write_images(images, out, model=m)
 
 
 @main.command()
@@ -94,9 +115,9 @@ def reconstruct(model, device, threads, precision, inputs, out, batch_size):
     x = _read_images(m, inputs)
     rec = m.reconstruct(x, batch_size=batch_size)
     if Path(out).suffix.lower() in image_io.GRID_SUFFIXES:
-        x = checks.images(x, m.info.image_shape, m.info.value_range)
+        x = checks.images(x, rec.shape[1:], m.info.value_range)
         pairs = np.stack([x, rec], axis=1).reshape(-1, *rec.shape[1:])
-        _write_images(pairs, out, nrow=2 * min(8, len(x)))
+        _write_images(pairs, out, nrow=2 * min(8, len(x)), model=m)
     else:
         _write_images(rec, out)
 
