@@ -164,6 +164,10 @@ def make_fp16(data: bytes, feeds: list[dict] | None = None, report: dict | None 
     fp16 graph runs on the feeds and, while any output is non-finite, the first nodes that write
     non-finite values (their inputs all finite) stay fp32 too; after FP16_MAX_ROUNDS rounds,
     ExportError names them. `report`, if given, receives what was kept in fp32 and why.
+
+    The fp32 ranges decide, not an fp16 run on this machine: onnxruntime's CPU provider runs the
+    fp16 operators it has no kernel for in fp32 (its InsertCastTransformer), so a pure fp16 graph
+    that overflows on a GPU can look finite on a CPU. The second check catches the rest.
     """
     from onnxconverter_common import float16
 
