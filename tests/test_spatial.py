@@ -182,3 +182,18 @@ def test_export_refuses_bad_sizes(tmp_path):
     with pytest.raises(ExportError, match="multiples of 4"):
         export_spatial_vae(Encoder(), Decoder(), tmp_path / "x", channels=3, latent_channels=2, downsample=4,
                            height=18, width=16)
+
+
+def test_manifests_match_schema(bundle, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    schema = json.loads((Path(vaeinfer.__file__).parent / "manifest.schema.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    validator.validate(json.loads((bundle / "manifest.json").read_text()))
+    no_scale = _export(tmp_path / "d", stochastic=False, likelihood={"kind": "gaussian"})
+    validator.validate(json.loads((no_scale / "manifest.json").read_text()))
+    bad = json.loads((bundle / "manifest.json").read_text())
+    bad["latent"]["stochastic"] = "yes"
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(bad)
