@@ -374,7 +374,9 @@ def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.nd
             errors["decoder"] = {"params": _err(ref.decode_params(pa.mean), var.decode_params(pa.mean)),
                                  "images": _err(ref.decode(pa.mean), var.decode(pa.mean))}
             errors["reconstruction"] = _err(ref.decode(pa.mean), var.decode(pb.mean))
-            if nll_images and "scale" in ref.manifest.likelihood and pa.logvar is not None:
+            # an imported spatial VAE (no likelihood scale, or a deterministic encoder) has no NLL
+            scorable = ref.manifest.likelihood["kind"] == "bernoulli" or "scale" in ref.manifest.likelihood
+            if nll_images and scorable and pa.logvar is not None:
                 xs = x[:nll_images]
                 na = ref.score(xs, samples=nll_samples, seed=seed).nll
                 nb = var.score(xs, samples=nll_samples, seed=seed).nll

@@ -95,8 +95,8 @@ def test_calibration_uses_training_images_only(conv, tmp_path, monkeypatch):
     assert len(seen) == 2 and "z" in seen[1][0]  # the decoder calibrates on posterior samples
 
 
-def _nan_output(data: bytes) -> bytes:
-    """The same graph with every float output multiplied by NaN."""
+def _nan_output(data: bytes, *_feeds_and_report) -> bytes:
+    """The same graph with every float output multiplied by NaN (make_fp16's signature)."""
     model = onnx.load_from_string(data)
     nan = helper.make_tensor("nan_const", TensorProto.FLOAT, [], [float("nan")])
     model.graph.initializer.append(nan)

@@ -1,0 +1,251 @@
+"""vaeinfer against diffusers (eager and torch.compile) on latent-diffusion autoencoder decoders,
+on this machine's CPU, in one run, on the same (random-init) weights.
+
+    .venv/bin/python benchmarks/diffusers_vae.py            # SD-sized AutoencoderKL at 256x256, TAESD at 512x512
+    .venv/bin/python benchmarks/diffusers_vae.py --quick    # tiny configs and sizes: a smoke run
+    options: --threads N, --batches 1,4, --rounds R, --no-compile, --no-memory, --note TEXT, --out DIR
+
+- models: diffusers' Stable Diffusion VAE config (AutoencoderKL, block_out_channels (128, 256,
+  512, 512), layers_per_block 2, 4 latent channels) and AutoencoderTiny's default (TAESD) config,
+  torch.manual_seed(0) weights, saved with save_pretrained and imported with
+  `export.diffusers.from_diffusers` (validated against the diffusers module), with an int8 variant
+  (calibrated on smooth synthetic images). fp16 is for GPUs: on a CPU onnxruntime runs most fp16
+  operators through casts to fp32, so it is not timed here.
+- runners: vaeinfer `decode_params(z)` (every runtime check on) at fp32 and int8; diffusers
+  `vae.decode(z).sample` eager and torch.compile (inductor, frozen weights), under inference_mode.
+  Timed in interleaved rounds (one call per runner per round, after a warm-up call), median.
+- GFLOP/s: PyTorch's FlopCounterMode count of the decoder over the median time, as a fraction of
+  the measured fp32 matmul peak (benchmarks/run.py's `matmul_peak`).
+- memory: peak RSS (getrusage ru_maxrss) of a separate process that loads the bundle with
+  vaeinfer (no torch) and decodes one SD-sized latent to 512x512 untiled, and to 512x512 and
+  1024x1024 tiled (`decode(z, tile=...)`); the output image itself is 12 MiB at 1024x1024.
+Writes DIR/diffusers_vae.json and DIR/diffusers_vae.md (default DIR: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                 sample_size=512, scaling_factor=0.18215)
+QUICK_KL = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                sample_size=32)
+QUICK_TINY = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_child(bundle: str, size: int, tile: int | None, threads: int) -> None:
+    """Run in a fresh process: decode one latent for a size x size image; print peak RSS as JSON."""
+    import vaeinfer
+
+    vae = vaeinfer.load(bundle, device="cpu", threads=threads)
+    after_load = peak_rss_mib()
+    f = vae.downsample
+    z = np.random.default_rng(0).standard_normal((1, vae.latent_channels, size // f, size // f)).astype(np.float32)
+    t0 = time.perf_counter()
+    img = vae.decode(z, tile=tile)
+    print(json.dumps({"size": size, "tile": tile, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
+                      "rss_after_load_mib": after_load, "output_mib": img.nbytes / 2 ** 20,
+                      "torch_imported": "torch" in sys.modules}))
+
+
+def measure_memory(bundle: Path, cases, threads: int) -> list[dict]:
+    rows = []
+    for size, tile in cases:
+        log(f"  memory: decode to {size}x{size}, tile {tile}")
+        cmd = [sys.executable, __file__, "--memory-child", str(bundle), str(size), str(tile or 0), str(threads)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if r.returncode != 0:
+            rows.append({"size": size, "tile": tile, "error": r.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def make_models(quick: bool, tmp: Path, threads: int):
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from export.diffusers import from_diffusers
+
+    out = {}
+    for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
+                                 ("AutoencoderTiny (TAESD)", AutoencoderTiny, QUICK_TINY if quick else {},
+                                  64 if quick else 512)):
+        torch.manual_seed(0)
+        module = cls(**cfg).eval()
+        src = tmp / name.split()[0]
+        module.save_pretrained(src)
+        log(f"{name}: export + validation against diffusers, int8 variant")
+        t0 = time.perf_counter()
+        v = 16 if quick else 64
+        bundle = from_diffusers(src, tmp / f"{src.name}-bundle", sizes=((v, v), (v, v + v // 2)), batches=(1, 2),
+                                precisions=("int8",), calibration_images=8)
+        out[name] = {"module": module, "bundle": bundle, "size": size, "export_s": time.perf_counter() - t0,
+                     "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()} or "diffusers default"}
+    return out
+
+
+def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak: dict) -> list[dict]:
+    import torch
+
+    import vaeinfer
+    from export.diffusers import _Decoder
+    from run import TorchRunner, flops_per_image, stats
+
+    rows = []
+    for name, m in models.items():
+        module, size = m["module"], m["size"]
+        vaes = {p: vaeinfer.load(m["bundle"], device="cpu", threads=threads, precision=p) for p in ("fp32", "int8")}
+        f = vaes["fp32"].downsample
+        dec = _Decoder(module).eval()
+        runner = TorchRunner(torch, dec)
+        for b in batches:
+            z = np.random.default_rng(b).standard_normal((b, 4, size // f, size // f)).astype(np.float32)
+            z = z / np.float32(vaes["fp32"].scaling_factor)
+            flops = flops_per_image(dec, torch.from_numpy(z[:1]))
+            fns = {f"vaeinfer {p}": (lambda v=v: v.decode_params(z)) for p, v in vaes.items()}
+            fns["diffusers eager"] = runner.eager(z)
+            if compile_:
+                log(f"  {name} batch {b}: torch.compile")
+                fns["torch.compile"] = runner.compile(z)
+            log(f"  {name} batch {b}: timing {list(fns)} ({rounds} rounds)")
+            times = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()  # warm-up (vaeinfer: session arenas; torch: allocator)
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+            row = {"model": name, "image": f"{size}x{size}", "batch": b, "gflop_per_image": flops / 1e9,
+                   "compile_s": runner.compile_s.get(b), "runners": {}}
+            for k, t in times.items():
+                s = stats(np.array(t), b)
+                s["gflops"] = flops * b / (s["p50_ms"] / 1e3) / 1e9
+                s["of_peak"] = s["gflops"] / peak["peak_gflops"]
+                row["runners"][k] = s
+            eager = row["runners"]["diffusers eager"]["p50_ms"]
+            comp = row["runners"].get("torch.compile", {}).get("p50_ms")
+            for k, s in row["runners"].items():
+                s["vs_eager"] = eager / s["p50_ms"]
+                s["vs_compile"] = comp / s["p50_ms"] if comp else None
+            rows.append(row)
+            log("    " + ", ".join(f"{k} {s['p50_ms']:.0f} ms" for k, s in row["runners"].items()))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    mach, peak = report["machine"], report["peak"]
+    lines = ["# vaeinfer vs diffusers: latent-diffusion decoders on CPU", "",
+             f"Command: `{report['command']}`  ", f"Date: {mach['date']}  ",
+             f"Machine: {mach['cpu']}, {mach['cpus_usable']} usable cores ({', '.join(mach['isa'])}), "
+             f"{mach['memory_gb']} GB; onnxruntime {mach['onnxruntime']}, torch {report['torch_version']}, "
+             f"diffusers {report['diffusers_version']}  ",
+             f"Threads: {report['threads']}; rounds: {report['rounds']} interleaved calls per runner (median)  ",
+             f"fp32 matmul peak: {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_from']})  ",
+             f"Other processes used {report['other_processes']['cpu_fraction']:.0%} of the machine's CPU time during "
+             f"the run (load average at start {report['load_at_start']})", ""]
+    if report.get("note"):
+        lines += [f"> {report['note']}", ""]
+    lines += ["| decoder | image | batch | runner | ms (median) | images/s | GFLOP/s | of peak | vs eager | vs compile |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        for k, s in r["runners"].items():
+            vc = f"{s['vs_compile']:.2f}x" if s.get("vs_compile") else "-"
+            lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {k} | {s['p50_ms']:.0f} | "
+                         f"{s['images_per_s']:.2f} | {s['gflops']:.0f} | {s['of_peak']:.0%} | {s['vs_eager']:.2f}x | {vc} |")
+    lines += ["", "GFLOP per image (FlopCounterMode): " + ", ".join(
+        f"{r['model']} {r['image']}: {r['gflop_per_image']:.1f}" for r in report["rows"] if r["batch"] == report["batches"][0])]
+    if report.get("memory"):
+        lines += ["", "## Peak memory of one decode (separate process, vaeinfer only, ru_maxrss)", "",
+                  "| image | tile | peak RSS MiB | after load MiB | output MiB | seconds |", "|---|---|---|---|---|---|"]
+        for r in report["memory"]:
+            if "error" in r:
+                lines.append(f"| {r['size']} | {r['tile'] or 'untiled'} | error: {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['size']}x{r['size']} | {r['tile'] or 'untiled'} | {r['peak_rss_mib']:.0f} | "
+                             f"{r['rss_after_load_mib']:.0f} | {r['output_mib']:.0f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny configs and sizes (a smoke run)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--tile", type=int, default=256, help="tile size (image pixels) of the tiled memory runs")
+    ap.add_argument("--note", default=None)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--memory-child", nargs=4, metavar=("BUNDLE", "SIZE", "TILE", "THREADS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        bundle, size, tile, threads = args.memory_child
+        memory_child(bundle, int(size), int(tile) or None, int(threads))
+        return {}
+    import diffusers
+    import torch
+
+    from run import cpu_seconds, matmul_peak, others_since
+    from vaeinfer import bench as vbench
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    load = os.getloadavg()
+    before = cpu_seconds()
+    log(f"peak: fp32 matmul, {threads} threads")
+    peak = matmul_peak(threads, torch, n=512 if args.quick else 2048)
+    report = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
+              "machine": vbench.machine(), "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
+              "threads": threads, "batches": batches, "rounds": args.rounds, "note": args.note, "peak": peak,
+              "load_at_start": [round(v, 2) for v in load]}
+    with tempfile.TemporaryDirectory(prefix="vaeinfer-diffusers-bench-") as tmp:
+        models = make_models(args.quick, Path(tmp), threads)
+        report["models"] = {k: {"export_s": v["export_s"], "config": v["config"]} for k, v in models.items()}
+        report["rows"] = bench(models, batches, threads, args.rounds, not args.no_compile, peak)
+        if not args.no_memory:
+            kl = models["AutoencoderKL (SD)"]["bundle"]
+            small, big = (64, 128) if args.quick else (512, 1024)
+            tile = 32 if args.quick else args.tile
+            report["memory"] = measure_memory(kl, [(small, None), (small, tile), (big, tile)], threads)
+    report["other_processes"] = others_since(before)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "diffusers_vae-quick" if args.quick else "diffusers_vae"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
