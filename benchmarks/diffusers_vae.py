@@ -16,7 +16,7 @@ on this machine's CPU, in one run, on the same (random-init) weights.
   Timed in interleaved rounds (one call per runner per round, after a warm-up call), median.
 - GFLOP/s: PyTorch's FlopCounterMode count of the decoder over the median time, as a fraction of
   the measured fp32 matmul peak (benchmarks/run.py's `matmul_peak`).
-- memory: peak RSS (getrusage ru_maxrss) of a separate process that loads the bundle with
+- memory: peak RSS (VmHWM of /proc/self/status) of a separate process that loads the bundle with
   vaeinfer (no torch) and decodes one SD-sized latent to 512x512 untiled, and to 512x512 and
   1024x1024 tiled (`decode(z, tile=...)`); the output image itself is 12 MiB at 1024x1024.
 Writes DIR/diffusers_vae.json and DIR/diffusers_vae.md (default DIR: benchmarks/results).
@@ -55,7 +55,15 @@ def log(msg: str) -> None:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory: VmHWM (Linux), which exec resets; getrusage's
+    ru_maxrss survives exec and would report the parent's (torch-sized) peak from the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def memory_child(bundle: str, size: int, tile: int | None, threads: int) -> None:
@@ -183,7 +191,7 @@ def markdown(report: dict) -> str:
     lines += ["", "GFLOP per image (FlopCounterMode): " + ", ".join(
         f"{r['model']} {r['image']}: {r['gflop_per_image']:.1f}" for r in report["rows"] if r["batch"] == report["batches"][0])]
     if report.get("memory"):
-        lines += ["", "## Peak memory of one decode (separate process, vaeinfer only, ru_maxrss)", "",
+        lines += ["", "## Peak memory of one decode (separate process, vaeinfer only, peak RSS = VmHWM)", "",
                   "| image | tile | peak RSS MiB | after load MiB | output MiB | seconds |", "|---|---|---|---|---|---|"]
         for r in report["memory"]:
             if "error" in r:
