@@ -200,3 +200,29 @@ def test_not_a_diffusers_folder(tmp_path):
         from_diffusers(tmp_path, tmp_path / "out")
     with pytest.raises(ExportError, match="expected a diffusers model folder"):
         from_diffusers(tmp_path / "out2" if (tmp_path / "out2").mkdir() is None else None, tmp_path / "o")
+
+
+def test_tiled_decode_and_encode(exported, tmp_path):
+    """Tiles are in the input's pixels (latent for decode, image for encode). TAESD's decoder is
+    local (no normalisation over the image, no attention): tiled output stays close to untiled.
+    AutoencoderKL's GroupNorm and attention see one tile at a time, as in every tiled VAE decode,
+    so there only shape, finiteness and progress are checked here (tests/test_tiling.py states
+    the seam bounds)."""
+    tiny = vaeinfer.load(exported["tiny"][1], device="cpu")
+    z = np.random.default_rng(0).standard_normal((2, 4, 20, 12)).astype(np.float32)
+    assert np.abs(tiny.decode(z, tile=8) - tiny.decode(z)).max() < 0.1
+    kl = vaeinfer.load(exported["kl"][1], device="cpu")
+    z = np.random.default_rng(1).standard_normal((1, 4, 40, 24)).astype(np.float32)
+    seen = []
+    img = kl.decode(z, tile=16, progress=seen.append)
+    assert img.shape == (1, 3, 80, 48) and np.isfinite(img).all()
+    assert seen[-1] == kl.tile_count(z.shape, 16) > 1
+    post = kl.encode(img, tile=32)
+    assert post.mean.shape == (1, 4, 40, 24) and post.logvar.shape == post.mean.shape
+    with pytest.raises(InputError, match="tiling"):
+        kl.encode(img, tile=31)
+    np.save(tmp_path / "z.npy", z)
+    r = CliRunner().invoke(main, ["decode", "-m", str(exported["kl"][1]), str(tmp_path / "z.npy"), "--tile", "16",
+                                  "-o", str(tmp_path / "big.npy")])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(np.load(tmp_path / "big.npy"), img)

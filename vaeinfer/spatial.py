@@ -13,6 +13,7 @@ encode returns (z - shift_factor) * scaling_factor, decode takes z / scaling_fac
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -85,8 +86,9 @@ class SpatialVAE(Model):
         scaled=True: diffusion latents ((z - shift_factor) * scaling_factor; logvar shifted by
         2 log scaling_factor). A deterministic encoder (AutoencoderTiny; VQModel, whose latents
         are the pre-quantization ones) gives logvar None: `Posterior.sample()` is then the mean.
-        tile: process images larger than `tile` pixels (an int, or (height, width)) in
-        overlapping tiles with blended seams (see `vaeinfer.tiling`), in bounded memory.
+        tile: encode images larger than `tile` image pixels (an int, or (height, width);
+        a multiple of `multiple_of`) in overlapping tiles (a quarter of the tile) with blended
+        seams (see `vaeinfer.tiling`), in bounded memory. `progress(done)` counts tiles then.
         """
         x = self._x(x)
         bs = inputs.batch_size(batch_size)
@@ -114,9 +116,10 @@ class SpatialVAE(Model):
         """Images (N, C, f h, f w) in the value range for latents z (N, c, h, w) or a Posterior's means.
 
         scaled=True: z are diffusion latents (decoded as z / scaling_factor + shift_factor).
-        tile: decode latents larger than `tile` *image* pixels (an int or (height, width)) in
-        overlapping tiles with blended seams, in memory bounded by the tile, not the image.
-        `progress(done)` is called as batches (or tiles) finish.
+        tile: decode latents larger than `tile` *latent* pixels (an int or (height, width); 64 is a
+        512-pixel tile for an 8x decoder) in overlapping tiles (a quarter of the tile) with blended
+        seams, in memory bounded by the output plus one tile's activations, not the image's.
+        `progress(done)` is called as batches (or, with tile, tiles) finish; see `tile_count`.
         """
         return self._images_from_params(self.decode_params(z, scaled, tile, batch_size, progress))
 
@@ -159,5 +162,47 @@ class SpatialVAE(Model):
 
     # --- tiles ----------------------------------------------------------------------------
 
-    def _tiled(self, direction: str, a: np.ndarray, tile, batch_size, progress) -> list[np.ndarray]:
-        raise InputError("tile=: tiled encode/decode is not available in this build")
+    def _tiling(self, direction: str, tile, overlap):
+        """(factor, multiple, tile, overlap) for vaeinfer.tiling, in the input's units."""
+        f, lat = self.downsample, self.manifest.latent
+        # tiles start and end on the grid the model takes: multiple_of image pixels
+        if direction == "decode":
+            factor, multiple, smallest = f, max(1, lat["multiple_of"] // f), -(-lat["min_size"] // f)
+        else:
+            factor, multiple, smallest = Fraction(1, f), lat["multiple_of"], lat["min_size"]
+        tiles = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+        if len(tiles) != 2 or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tiles):
+            raise InputError(f"tile: expected an int or (height, width) ints, got {tile!r}")
+        if min(tiles) < smallest:
+            raise InputError(f"tile: expected at least {smallest} ({'latent' if direction == 'decode' else 'image'} "
+                             f"pixels) for this model, got {tile!r}")
+        if overlap is None:  # a quarter of the tile, on the alignment grid
+            overlap = tuple(max(0, (t // 4) // multiple * multiple) for t in tiles)
+        return factor, multiple, tiles, overlap
+
+    def tile_count(self, shape, tile, overlap=None, direction: str = "decode") -> int:
+        """How many tiles `decode(z, tile=...)` (or encode) runs for an input of `shape`
+        (the `progress` total)."""
+        from vaeinfer import tiling
+
+        factor, multiple, tiles, overlap = self._tiling(direction, tile, overlap)
+        return tiling.tile_count(shape, tiles, overlap, factor, multiple)
+
+    def _tiled(self, direction: str, a: np.ndarray, tile, batch_size, progress, overlap=None) -> list[np.ndarray]:
+        """Run the encoder or decoder over `a` in overlapping tiles with blended seams
+        (vaeinfer.tiling); tile and overlap are in the input's pixels (latent pixels for decode,
+        image pixels for encode), overlap by default a quarter of the tile. Memory: the output
+        plus one batch of tiles (`batch_size` tiles per call, default 1)."""
+        from vaeinfer import tiling
+
+        factor, multiple, tiles, overlap = self._tiling(direction, tile, overlap)
+        step = batch_size or 1
+
+        def run(chunk):
+            chunk = np.ascontiguousarray(chunk)
+            outs = self._decode_raw(chunk, None) if direction == "decode" else self._encode_raw(chunk, None)
+            return outs if direction == "decode" else tuple(outs)
+
+        report = None if progress is None else (lambda done, _total: progress(done))
+        out = tiling.tiled_apply(run, a, tiles, overlap, factor, multiple=multiple, max_batch=step, progress=report)
+        return list(out) if isinstance(out, tuple) else [out]
