@@ -95,6 +95,45 @@ def measure_memory(bundle: Path, cases, threads: int) -> list[dict]:
     return rows
 
 
+def fp16_ranges(quick: bool) -> dict:
+    """The largest |activation| of each decoder submodule on real-looking inputs (latents encoded
+    from smooth synthetic images, and N(0, I) / scaling_factor), in PyTorch fp32 (forward hooks):
+    where fp16 (max 65504) would overflow. The same weights as the timing run."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from export.spatial import smooth_images
+
+    out = {}
+    for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
+                                 ("AutoencoderTiny (TAESD)", AutoencoderTiny, QUICK_TINY if quick else {}, 64 if quick else 512)):
+        torch.manual_seed(0)
+        vae = cls(**cfg).eval()
+        top: dict[str, float] = {}
+
+        def hook(mod, _inp, output, name=None):
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                top[name] = max(top.get(name, 0.0), float(t.detach().abs().max()))
+
+        handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in vae.decoder.named_modules() if n]
+        s = float(vae.config.scaling_factor or 1.0)
+        with torch.inference_mode():
+            x = torch.from_numpy(smooth_images(2, 3, size, size, seed=3))
+            enc = vae.encode(x)
+            z = enc.latent_dist.mean if hasattr(enc, "latent_dist") else enc.latents
+            vae.decode(z)
+            vae.decode(torch.randn(2, z.shape[1], *z.shape[2:], generator=torch.Generator().manual_seed(0)) / s)
+        for h in handles:
+            h.remove()
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])
+        out[name] = {"image": f"{size}x{size}", "max_abs": ranked[0][1] if ranked else 0.0,
+                     "top_modules": [{"module": k, "max_abs": v} for k, v in ranked[:8]],
+                     "over_fp16": [k for k, v in ranked if v > 65504]}
+        log(f"  fp16 ranges {name}: max |activation| {out[name]['max_abs']:.1f} ({ranked[0][0] if ranked else '-'})")
+    return out
+
+
 def make_models(quick: bool, tmp: Path, threads: int):
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
@@ -213,6 +252,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tile", type=int, default=256, help="tile size (image pixels) of the tiled memory runs")
     ap.add_argument("--note", default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--fp16-ranges", action="store_true",
+                    help="only measure the decoders' activation ranges (fp16 overflow), into DIR/diffusers_vae_fp16.json")
     ap.add_argument("--memory-child", nargs=4, metavar=("BUNDLE", "SIZE", "TILE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -227,6 +268,16 @@ def main(argv=None) -> dict:
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    if args.fp16_ranges:
+        ranges = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "machine": vbench.machine(), "diffusers_version": diffusers.__version__, "fp16_max": 65504,
+                  "models": fp16_ranges(args.quick)}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ("diffusers_vae_fp16-quick.json" if args.quick else "diffusers_vae_fp16.json")).write_text(
+            json.dumps(ranges, indent=2) + "\n")
+        print(json.dumps(ranges["models"], indent=2))
+        return ranges
     batches = [int(b) for b in args.batches.split(",")]
     load = os.getloadavg()
     before = cpu_seconds()
