@@ -113,11 +113,11 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
 
 
 def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
-    """A trained run's spatial conv VAE (training side: `--latent spatial`)."""
-    args = meta["model_args"]
+    """A trained run's spatial conv VAE (`vaeinfer train --arch conv-vae --latent spatial`;
+    training.spatial.SpatialVAE: images in the checkpoint's value_range, [-1, 1])."""
     c, h, w = meta["image_shape"]
-    lik = meta["likelihood"]
-    return export_spatial_vae(model.encoder, model.decoder, out_dir, channels=c, latent_channels=args["latent_channels"],
-                              downsample=args["downsample"], height=h, width=w, value_range=(0.0, 1.0),
-                              likelihood={k: v for k, v in lik.items() if v is not None}, name=name, training=training,
-                              sizes=((h, w), (h + args["downsample"] * 2, w)))
+    f = model.downsample
+    return export_spatial_vae(model.encoder, model.decoder, out_dir, channels=c, latent_channels=model.latent_channels,
+                              downsample=f, height=h, width=w, value_range=tuple(meta.get("value_range", (-1.0, 1.0))),
+                              likelihood=dict(meta["likelihood"]), name=name, training=training,
+                              sizes=((h, w), (h + 2 * f, w + 4 * f)))

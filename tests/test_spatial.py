@@ -197,3 +197,28 @@ def test_manifests_match_schema(bundle, tmp_path):
     bad["latent"]["stochastic"] = "yes"
     with pytest.raises(jsonschema.ValidationError):
         validator.validate(bad)
+
+
+def test_trained_spatial_run_exports(tmp_path):
+    """`vaeinfer train --arch conv-vae --latent spatial` on an RGB folder, then `vaeinfer export`."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from vaeinfer.cli import main
+
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i, img in enumerate(smooth_images(12, 3, 16, 16, seed=4, value_range=(0, 1))):
+        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", str(folder), "--arch", "conv-vae", "--latent", "spatial",
+                                  "--downsample", "4", "--latent-channels", "2", "--conv-channels", "8,8",
+                                  "--likelihood", "laplace", "--epochs", "1", "--batch-size", "4", "--quiet",
+                                  "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["export", str(run), "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    vae = vaeinfer.load(tmp_path / "b", device="cpu")
+    assert vae.info.value_range == (-1.0, 1.0) and vae.info.likelihood == {"kind": "laplace", "scale": 0.1}
+    x = smooth_images(2, 3, 24, 32, seed=5)  # any multiple of 4, in [-1, 1]
+    assert vae.reconstruct(x).shape == x.shape and np.isfinite(vae.score(x, samples=2).nll).all()
