@@ -81,6 +81,33 @@ def memory_child(bundle: str, size: int, tile: int | None, threads: int) -> None
                       "torch_imported": "torch" in sys.modules}))
 
 
+def ort_profile(bundle: Path, latent: int, threads: int) -> dict:
+    """Where onnxruntime's decoder time goes: kernel time share per operator type (its profiler,
+    vaeinfer's session options, one (1, c, latent, latent) input, after two warm-up runs)."""
+    import collections
+
+    import onnxruntime as ort
+
+    from vaeinfer.session import session_options
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = session_options(threads)
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "prof")
+        sess = ort.InferenceSession((bundle / "decoder.onnx").read_bytes(), opts, providers=["CPUExecutionProvider"])
+        z = np.random.default_rng(0).standard_normal((1, manifest["latent"]["channels"], latent, latent)).astype(np.float32)
+        for _ in range(3):
+            sess.run(None, {"z": z})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    share = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            share[e["args"]["op_name"]] += e["dur"]
+    total = sum(share.values()) or 1
+    return {"latent": latent, "optimization_level": str(opts.graph_optimization_level),
+            "op_share": {k: round(v / total, 3) for k, v in share.most_common(12)}}
+
+
 def measure_memory(bundle: Path, cases, threads: int) -> list[dict]:
     rows = []
     for size, tile in cases:
@@ -229,6 +256,9 @@ def markdown(report: dict) -> str:
                          f"{s['images_per_s']:.2f} | {s['gflops']:.0f} | {s['of_peak']:.0%} | {s['vs_eager']:.2f}x | {vc} |")
     lines += ["", "GFLOP per image (FlopCounterMode): " + ", ".join(
         f"{r['model']} {r['image']}: {r['gflop_per_image']:.1f}" for r in report["rows"] if r["batch"] == report["batches"][0])]
+    for name, prof in (report.get("ort_profile") or {}).items():
+        lines += ["", f"onnxruntime kernel time by operator, {name} decoder, latent {prof['latent']}x{prof['latent']}: "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in prof["op_share"].items())]
     if report.get("memory"):
         lines += ["", "## Peak memory of one decode (separate process, vaeinfer only, peak RSS = VmHWM)", "",
                   "| image | tile | peak RSS MiB | after load MiB | output MiB | seconds |", "|---|---|---|---|---|---|"]
@@ -236,7 +266,7 @@ def markdown(report: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['size']} | {r['tile'] or 'untiled'} | error: {r['error']} | | | |")
             else:
-                lines.append(f"| {r['size']}x{r['size']} | {r['tile'] or 'untiled'} | {r['peak_rss_mib']:.0f} | "
+                lines.append(f"| {r['size']}x{r['size']} | {r['tile'] or 'untiled'} latent px | {r['peak_rss_mib']:.0f} | "
                              f"{r['rss_after_load_mib']:.0f} | {r['output_mib']:.0f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -249,17 +279,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny configs and sizes (a smoke run)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--tile", type=int, default=256, help="tile size (image pixels) of the tiled memory runs")
+    ap.add_argument("--tile", type=int, default=32, help="tile size of the tiled memory runs, in latent pixels (32 = 256 image pixels)")
     ap.add_argument("--note", default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--fp16-ranges", action="store_true",
                     help="only measure the decoders' activation ranges (fp16 overflow), into DIR/diffusers_vae_fp16.json")
+    ap.add_argument("--memory-only", metavar="BUNDLE", default=None,
+                    help="only the peak-memory runs, on an existing SD-sized spatial-vae bundle, into DIR/diffusers_vae_memory.json")
     ap.add_argument("--memory-child", nargs=4, metavar=("BUNDLE", "SIZE", "TILE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         bundle, size, tile, threads = args.memory_child
         memory_child(bundle, int(size), int(tile) or None, int(threads))
         return {}
+    if args.memory_only:
+        threads = args.threads or len(os.sched_getaffinity(0))
+        small, big = (64, 128) if args.quick else (512, 1024)
+        tile = 4 if args.quick else args.tile
+        report = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "bundle": str(args.memory_only), "threads": threads, "load_at_start": [round(v, 2) for v in os.getloadavg()],
+                  "ort_profile": ort_profile(Path(args.memory_only), 16, threads),
+                  "memory": measure_memory(Path(args.memory_only), [(small, None), (small, tile), (big, tile)], threads)}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diffusers_vae_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["memory"], indent=2))
+        return report
     import diffusers
     import torch
 
@@ -291,10 +336,12 @@ def main(argv=None) -> dict:
         models = make_models(args.quick, Path(tmp), threads)
         report["models"] = {k: {"export_s": v["export_s"], "config": v["config"]} for k, v in models.items()}
         report["rows"] = bench(models, batches, threads, args.rounds, not args.no_compile, peak)
+        report["ort_profile"] = {k: ort_profile(v["bundle"], v["size"] // 8 if not args.quick else 4, threads)
+                                 for k, v in models.items()}
         if not args.no_memory:
             kl = models["AutoencoderKL (SD)"]["bundle"]
             small, big = (64, 128) if args.quick else (512, 1024)
-            tile = 32 if args.quick else args.tile
+            tile = 4 if args.quick else args.tile
             report["memory"] = measure_memory(kl, [(small, None), (small, tile), (big, tile)], threads)
     report["other_processes"] = others_since(before)
     out = Path(args.out)
