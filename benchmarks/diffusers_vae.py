@@ -185,7 +185,9 @@ def make_models(quick: bool, tmp: Path, threads: int):
     return out
 
 
-def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak: dict) -> list[dict]:
+def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak: dict, on_row=None) -> list[dict]:
+    """Time every runner on every model and batch; `on_row(rows)` after each row (partial results
+    survive an interrupted run)."""
     import torch
 
     import vaeinfer
@@ -230,6 +232,8 @@ def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak
                 s["vs_eager"] = eager / s["p50_ms"]
                 s["vs_compile"] = comp / s["p50_ms"] if comp else None
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             log("    " + ", ".join(f"{k} {s['p50_ms']:.0f} ms" for k, s in row["runners"].items()))
     return rows
 
@@ -328,6 +332,15 @@ def main(argv=None) -> dict:
     before = cpu_seconds()
     log(f"peak: fp32 matmul, {threads} threads")
     peak = matmul_peak(threads, torch, n=512 if args.quick else 2048)
+    out = Path(args.out)
+    stem = "diffusers_vae-quick" if args.quick else "diffusers_vae"
+
+    def write(report):
+        report["other_processes"] = others_since(before)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (out / f"{stem}.md").write_text(markdown(report) + "\n")
+
     report = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": vbench.machine(), "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
               "threads": threads, "batches": batches, "rounds": args.rounds, "note": args.note, "peak": peak,
@@ -335,7 +348,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vaeinfer-diffusers-bench-") as tmp:
         models = make_models(args.quick, Path(tmp), threads)
         report["models"] = {k: {"export_s": v["export_s"], "config": v["config"]} for k, v in models.items()}
-        report["rows"] = bench(models, batches, threads, args.rounds, not args.no_compile, peak)
+        def save(rows):
+            report["rows"] = rows
+            write(report)
+
+        report["rows"] = bench(models, batches, threads, args.rounds, not args.no_compile, peak, save)
         report["ort_profile"] = {k: ort_profile(v["bundle"], v["size"] // 8 if not args.quick else 4, threads)
                                  for k, v in models.items()}
         if not args.no_memory:
@@ -343,12 +360,7 @@ def main(argv=None) -> dict:
             small, big = (64, 128) if args.quick else (512, 1024)
             tile = 4 if args.quick else args.tile
             report["memory"] = measure_memory(kl, [(small, None), (small, tile), (big, tile)], threads)
-    report["other_processes"] = others_since(before)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "diffusers_vae-quick" if args.quick else "diffusers_vae"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report) + "\n")
+    write(report)
     print(markdown(report))
     return report
 
