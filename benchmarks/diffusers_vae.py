@@ -270,7 +270,8 @@ def markdown(report: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['size']} | {r['tile'] or 'untiled'} | error: {r['error']} | | | |")
             else:
-                lines.append(f"| {r['size']}x{r['size']} | {r['tile'] or 'untiled'} latent px | {r['peak_rss_mib']:.0f} | "
+                tile = f"{r['tile']} latent px" if r["tile"] else "untiled"
+                lines.append(f"| {r['size']}x{r['size']} | {tile} | {r['peak_rss_mib']:.0f} | "
                              f"{r['rss_after_load_mib']:.0f} | {r['output_mib']:.0f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
