@@ -108,7 +108,8 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
         spatial={"dims": _axes(downsample, multiple, min_size), "trace": _sizes(*sizes[0], downsample),
                  "sizes": [_sizes(h, w, downsample) for h, w in sizes], "batches": batches,
                  "feeds": {"encoder": encoder_feeds, "decoder": decoder_feeds}},
-        image_extra={"multiple_of": multiple, "min_size": min_size}, extra={"source": source} if source else None,
+        image_extra={"multiple_of": multiple, "min_size": min_size},
+        extra_manifest={"source": source} if source else None,
     )
 
 
