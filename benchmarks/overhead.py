@@ -13,7 +13,6 @@ overhead the median of the per-block differences, over all blocks and over the q
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -120,11 +119,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     report = measure(args.blocks, args.calls, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "overhead.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_io import write_results
+
+    write_results(args.out, "overhead", report, markdown(report))
     return report
 
 

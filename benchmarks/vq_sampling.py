@@ -116,11 +116,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     report = measure(args.model, args.n, args.rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vq_sampling.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "vq_sampling.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_io import write_results
+
+    write_results(args.out, "vq_sampling", report, markdown(report))
     return report
 
 
