@@ -5,13 +5,12 @@ typed vaeinfer error; a crash, a hang or another exception type fails the test."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 import vaeinfer
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [ROOT / "tests" / "data" / "fuzz-seeds" / name for name in ("vae", "vq")]
@@ -20,11 +19,7 @@ TYPED = {"ok", "BundleError", "InputError", "OutputError", "BackendError"}
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("vaeinfer_fuzz", ROOT / "benchmarks" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fuzz")
 
 
 def test_seeds_are_valid_bundles(fuzz):

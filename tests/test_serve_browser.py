@@ -6,20 +6,17 @@ screenshot (benchmarks/results/serve-page.png) with the same steps."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import load_benchmark
+
 pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("vaeinfer_serve_browser", ROOT / "benchmarks" / "serve_browser.py")
-browser = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(browser)
+browser = load_benchmark("serve_browser")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.access(browser.CHROMIUM, os.X_OK), reason=f"no {browser.CHROMIUM}")]

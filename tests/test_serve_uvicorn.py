@@ -5,13 +5,13 @@ with and without micro-batching) and graceful shutdown finishing the requests in
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import load_benchmark
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -19,10 +19,7 @@ import httpx  # noqa: E402
 
 import vaeinfer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("vaeinfer_serve_load", ROOT / "benchmarks" / "serve_load.py")
-load = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(load)
+load = load_benchmark("serve_load")
 
 pytestmark = pytest.mark.slow
 
