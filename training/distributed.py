@@ -90,9 +90,9 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, target, beta, generator, eps=None):
+    def forward(self, x, target, beta, generator, eps=None, options=None):
         kwargs = {"eps": eps} if eps is not None else {}
-        return self.model.loss(x, target, beta=beta, generator=generator, **kwargs)
+        return self.model.loss(x, target, beta=beta, generator=generator, **kwargs, **(options or {}))
 
 
 @dataclass(frozen=True)
@@ -149,15 +149,17 @@ class _ShardedLoss:
         self.ddp = nn.parallel.DistributedDataParallel(_LossModule(model), device_ids=device_ids)
         self.draws_eps = getattr(model, "draws_eps", False)
 
-    def __call__(self, x, target, beta, generator=None):
+    def __call__(self, x, target, beta, generator=None, **options):
         n = len(x)
         start, stop = shard_bounds(n, self.ctx.rank, self.ctx.world_size)
         eps = None
         if self.draws_eps:
             # the whole global batch's noise, in the order one process draws it; keep our rows
-            eps = torch.randn((n, *self.model.latent_shape), generator=generator, device=x.device, dtype=x.dtype)
+            samples = options.get("samples", 1)
+            shape = (n, samples, *self.model.latent_shape) if samples > 1 else (n, *self.model.latent_shape)
+            eps = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
             eps = eps[start:stop]
-        local = self.ddp(x[start:stop], target[start:stop], beta, generator, eps)
+        local = self.ddp(x[start:stop], target[start:stop], beta, generator, eps, options)
         rows = stop - start
         weight = rows * self.ctx.world_size / n
         # an empty slice's means are NaN (0/0); its share of the loss and metrics is zero

@@ -141,6 +141,8 @@ class VAE(nn.Module):
     kind = "vae"
     draws_eps = True  # `loss` takes the reparameterisation noise as `eps` (data-parallel training draws it)
     loss_is_negative_elbo = True  # at beta = 1 (validation reports the ELBO)
+    supports_iwae = True  # `loss` takes samples=K (the importance-weighted bound)
+    autocast_dtype: torch.dtype | None = None  # set by training's bf16 mode: the networks' dtype in `loss`
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, image_shape,
                  prior: str = "normal", prior_components: int = 0):
@@ -155,27 +157,68 @@ class VAE(nn.Module):
         """One image's latent: (latent_dim,) here, (c, h, w) for `training.spatial.SpatialVAE`."""
         return (self.latent_dim,)
 
-    def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+    def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+             samples: int = 1):
         """Per-batch means of loss, recon (-log p(x|z)) and kl, in nats per image.
 
         `x` is what the encoder sees and `target` what the decoder must explain (they differ
-        with dynamic binarization). `eps`, the reparameterisation noise (N, latent), is drawn
-        from `generator` when not given (data-parallel training passes each rank its rows of
-        the global batch's noise). The KL is summed over every latent axis (a spatial latent's
-        c, h and w too).
+        with dynamic binarization). `eps`, the reparameterisation noise (N, *latent), or
+        (N, samples, *latent) with several samples, is drawn from `generator` when not given
+        (data-parallel training passes each rank its rows of the global batch's noise). The KL
+        is summed over every latent axis (a spatial latent's c, h and w too).
+
+        `samples` = K > 1 trains on the importance-weighted bound (IWAE, Burda et al. 2015):
+        loss = -log mean_k exp(log p(x|z_k) - beta * (log q(z_k|x) - log p(z_k))), which is the
+        negative K-sample IWAE bound at beta = 1 (tighter than the ELBO, and what `score`
+        estimates with many more samples); recon and kl are then means over the K samples.
         """
-        mean, logvar = self.encoder(x)
+        if samples > 1:
+            return self._iwae_loss(x, target, beta, generator, eps, samples)
+        mean, logvar = self._encode(x)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
-        recon = -self.likelihood.log_prob(target, self.decoder(z))
+        recon = -self.likelihood.log_prob(target, self._decode(z))
         prior = getattr(self, "prior", None)  # subclasses such as SpatialVAE have none
         if prior is None:
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
         else:  # no closed form: the single-sample estimate log q(z|x) - log p(z)
             log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(dim=1)
-            kl = log_q - prior.log_prob(z, self.encoder)
+            kl = log_q - prior.log_prob(z, self._encode)
         return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
+
+    def _networks(self, module: nn.Module, x: torch.Tensor):
+        """module(x), under bf16 autocast in training's bf16 mode, with float32 outputs: only the
+        convolutions and matmuls run in bf16; every likelihood, KL and prior term stays float32."""
+        if self.autocast_dtype is None:
+            return module(x)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            out = module(x)
+        return tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()
+
+    def _encode(self, x):
+        return self._networks(self.encoder, x)
+
+    def _decode(self, z):
+        return self._networks(self.decoder, z)
+
+    def _iwae_loss(self, x, target, beta, generator, eps, samples: int):
+        mean, logvar = self._encode(x)
+        n, k = mean.shape[0], samples
+        if eps is None:
+            eps = torch.randn((n, k, *mean.shape[1:]), generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps  # (N, K, *latent)
+        flat = z.flatten(0, 1)
+        recon = -self.likelihood.log_prob(target.repeat_interleave(k, dim=0), self._decode(flat)).view(n, k)
+        log_q = -0.5 * (eps.pow(2) + logvar.unsqueeze(1) + LOG_2PI).flatten(2).sum(dim=2)
+        prior = getattr(self, "prior", None)
+        if prior is None:
+            log_p = -0.5 * (z.pow(2) + LOG_2PI).flatten(2).sum(dim=2)
+        else:
+            log_p = prior.log_prob(flat, self._encode).view(n, k)
+        kl = log_q - log_p
+        bound = torch.logsumexp(-recon - beta * kl, dim=1) - math.log(k)
+        return {"loss": -bound.mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None):

@@ -104,9 +104,10 @@ class SpatialVAE(VAE):
         """One image's latent at the training size: (c, H / f, W / f)."""
         return (self.latent_channels, self.image_shape[1] // self.downsample, self.image_shape[2] // self.downsample)
 
-    def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+    def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+             samples: int = 1):
         """`VAE.loss` of [0, 1] images, seen by the model in [-1, 1]."""
-        return super().loss(2 * x - 1, 2 * target - 1, beta, generator, eps)
+        return super().loss(2 * x - 1, 2 * target - 1, beta, generator, eps, samples)
 
     def _to_unit(self, params):
         return (self.likelihood.mean(params, self.value_range) + 1) / 2

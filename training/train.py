@@ -66,10 +66,16 @@ class TrainConfig(JsonConfig):
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     label: str | None = None  # a name for the dataset in the bundle's training facts
     init_from: str | None = None  # a run folder or checkpoint whose model weights a fresh run starts from
+    iwae_samples: int = 1  # K > 1: train on the K-sample importance-weighted bound (IWAE) instead of the ELBO
+    precision: str = "fp32"  # "bf16": the networks under bf16 autocast in channels-last layout (losses in fp32)
 
     def __post_init__(self):
         if self.binarize not in ("none", "dynamic"):
             raise ValueError(f"binarize must be 'none' or 'dynamic', got {self.binarize!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not isinstance(self.iwae_samples, int) or self.iwae_samples < 1:
+            raise ValueError(f"iwae_samples must be an integer >= 1, got {self.iwae_samples!r}")
         self.check_schedule()
 
     def likelihood_obj(self) -> Likelihood:
@@ -84,9 +90,16 @@ def prepare_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generat
     return x, x
 
 
+def loss_options(config: TrainConfig) -> dict:
+    """Keyword arguments of the model's loss that come from the config (only those that differ
+    from the default, so that models without them still train)."""
+    return {"samples": config.iwae_samples} if config.iwae_samples > 1 else {}
+
+
 @torch.no_grad()
 def evaluate(model, images: torch.Tensor, config: TrainConfig) -> dict[str, float]:
-    """Validation metrics (beta = 1, so `loss` is the negative ELBO for a VAE), seeded, batched."""
+    """Validation metrics (beta = 1, so `loss` is the negative ELBO for a VAE), seeded, batched.
+    An IWAE run (iwae_samples = K > 1) also reports `val_iwae`, the K-sample bound it trains on."""
     if len(images) == 0:
         return {}
     model.eval()
@@ -97,11 +110,27 @@ def evaluate(model, images: torch.Tensor, config: TrainConfig) -> dict[str, floa
         x, target = prepare_batch(x, config, gen)
         for k, v in model.loss(x, target, beta=1.0, generator=gen).items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+        if loss_options(config):
+            bound = -float(model.loss(x, target, beta=1.0, generator=gen, **loss_options(config))["loss"])
+            sums["iwae"] = sums.get("iwae", 0.0) + bound * len(x)
     model.train()
     out = {f"val_{k}": v / len(images) for k, v in sums.items()}
     if getattr(model, "loss_is_negative_elbo", False):
         out["val_elbo"] = -out.pop("val_loss")  # the ELBO itself, nats per image (higher is better)
     return out
+
+
+def set_precision(model, config: TrainConfig) -> None:
+    """bf16 mode: the VAE runs its encoder and decoder under bf16 autocast (AMX on recent Xeons,
+    tensor cores on GPUs; about 4x faster than fp32 for the bundled conv VAE on this project's
+    CPU together with the channels-last layout), the optimizer keeps float32 weights, and the
+    likelihood, KL and prior terms stay float32. Checkpoints and exports are float32 as always."""
+    if config.precision == "fp32":
+        return
+    if not hasattr(model, "autocast_dtype"):
+        raise ValueError(f"precision 'bf16' applies to VAEs; {config.arch} trains in fp32")
+    model.autocast_dtype = torch.bfloat16
+    model.to(memory_format=torch.channels_last)
 
 
 def _model_and_state(config: TrainConfig, image_shape, run_dir: Path, resume: bool):
@@ -167,6 +196,10 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
     val_images = torch.from_numpy(val_set.images)
 
     model, optimizer, generator, progress, history = _model_and_state(config, image_shape, run_dir, resume)
+    if config.iwae_samples > 1 and not getattr(model, "supports_iwae", False):
+        raise ValueError(f"iwae_samples applies to VAEs (an importance-weighted bound needs a continuous "
+                         f"posterior); {config.arch} trains on its own loss: use iwae_samples=1")
+    set_precision(model, config)
     if progress["global_step"] == 0:
         priors.warm_start(model, config.init_from, images, config.seed)
     loss_fn = ctx.loss_fn(model)  # model.loss, or its data-parallel form that takes the global batch
@@ -175,7 +208,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
 
     def step(index, global_step):
         x, target = prepare_batch(images[index].to(config.device), config, generator)
-        losses = loss_fn(x, target, beta=kl_weight(global_step, warmup_steps, config.beta), generator=generator)
+        losses = loss_fn(x, target, beta=kl_weight(global_step, warmup_steps, config.beta), generator=generator,
+                         **loss_options(config))
         return losses["loss"], {k: float(v.detach()) for k, v in losses.items()}
 
     run_loop(config, rows=len(images), progress=progress, history=history, optimizer=optimizer, step=step,
