@@ -95,13 +95,22 @@ def build_prior(kind: str, components: int, image_shape, latent_dim: int) -> Mix
 
 def warm_start(model: nn.Module, init_from: str | None, images: torch.Tensor, seed: int) -> None:
     """Before a fresh run's first step: load the model weights of `init_from` (a run folder or
-    checkpoint JSON; its optimizer, progress and prior are ignored) and start a VampPrior's
-    pseudo-inputs at random training images."""
+    checkpoint JSON; its optimizer and progress are ignored). Its prior comes along when it is
+    the same kind and size as this model's (fine-tuning a VampPrior model, e.g. with IWAE, keeps
+    its pseudo-inputs); otherwise a VampPrior's pseudo-inputs start at random training images."""
+    prior = getattr(model, "prior", None)
+    prior_loaded = False
     if init_from:
         from training import checkpoint
 
         tensors, _ = checkpoint.load(init_from)
-        weights = {k: v for k, v in checkpoint.model_tensors(tensors).items() if not k.startswith("prior.")}
+        source = checkpoint.model_tensors(tensors)
+        own = model.state_dict()
+        prior_keys = {k for k in own if k.startswith("prior.")}
+        source_prior = {k for k in source if k.startswith("prior.")}
+        prior_loaded = bool(prior_keys) and prior_keys == source_prior and all(
+            source[k].shape == own[k].shape for k in prior_keys)
+        weights = {k: v for k, v in source.items() if prior_loaded or not k.startswith("prior.")}
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # a tensor of another shape
@@ -110,8 +119,7 @@ def warm_start(model: nn.Module, init_from: str | None, images: torch.Tensor, se
         if missing or unexpected:
             raise ValueError(f"--init-from {init_from}: its weights do not fit this model "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    prior = getattr(model, "prior", None)
-    if isinstance(prior, VampPrior):
+    if isinstance(prior, VampPrior) and not prior_loaded:
         prior.init_from_images(images, torch.Generator().manual_seed(seed + 11))
 
 
