@@ -17,6 +17,10 @@ probability >= 0.9, and the entropy of the predicted-class histogram over log(10
 digits equally often). The real test digits are the reference row.
 
 Writes benchmarks/results/quality.json, quality.md and sample grids in benchmarks/results/quality/.
+The parts can run as separate processes (one core each, e.g. --k-full 0 in one, --k-subset 0 in
+another, --stem to keep them apart) and be merged afterwards:
+
+    python benchmarks/quality.py --merge quality-k5000,quality-k500,quality-samples
 """
 
 from __future__ import annotations
@@ -136,9 +140,29 @@ def sample_quality_rows(classifier, model, temperatures: list[float], n: int) ->
             for t in temperatures}
 
 
+def merge(stems: list[str]) -> dict:
+    """One results dict from the results files of parts run separately (same protocol and
+    machine): per-model entries are combined, later parts win on the same key."""
+    parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems]
+    if len({p["quick"] for p in parts}) != 1:
+        raise SystemExit("--merge: quick and full runs cannot be merged")
+    out = {**parts[0], "command": " && ".join(p["command"] for p in parts), "merged_from": stems,
+           "date": max(p["date"] for p in parts), "vae": {}, "vq": {}, "images": []}
+    for part in parts:
+        for section in ("vae", "vq"):
+            for name, entry in part[section].items():
+                out[section].setdefault(name, {}).update({k: v for k, v in entry.items() if v is not None})
+        out["images"] += [i for i in part["images"] if i not in out["images"]]
+        if part.get("samples"):
+            out.setdefault("samples", {}).update(part["samples"])
+            out["classifier"], out["sample_count"] = part["classifier"], part["sample_count"]
+    return out
+
+
 def markdown(results: dict) -> str:
+    command = " && ".join(f"`{c}`" for c in results["command"].split(" && "))
     lines = [f"# Model quality (MNIST, binarized test set)", "",
-             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; {results['date']}", "",
+             f"Command: {command}  ", f"Machine: {results['machine']}; {results['date']}", "",
              "| model | test NLL (nats) | protocol |", "| --- | --- | --- |"]
     for ref, nll in REFERENCES:
         lines.append(f"| {ref} | {nll:.2f} | paper |")
@@ -183,7 +207,15 @@ def main():
     parser.add_argument("--k-full", type=int, default=500, help="importance samples on all 10,000 (0: skip)")
     parser.add_argument("--stem", default="quality", help="results file name: benchmarks/results/<stem>.json/.md")
     parser.add_argument("--sample-count", type=int, default=1000, help="samples per model for the digit classifier (0: no sample-quality rows)")
+    parser.add_argument("--merge", default=None, help="comma-separated result stems of parts run separately: "
+                                                      "write their union as <stem>.json/.md and exit")
     args = parser.parse_args()
+    if args.merge:
+        results = merge([s for s in args.merge.split(",") if s])
+        (RESULTS / f"{args.stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / f"{args.stem}.md").write_text(markdown(results))
+        print(markdown(results))
+        return
 
     test, test_bin, labels = load_test(Path(args.data))
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Model selection without the test set: the IWAE bound of training runs on their own validation split.
+
+Each run's checkpoint names its data, validation fraction and seed, so the held-out images are
+exactly the ones that run never trained on. They get one fixed binarization (seed 0) and the
+same importance noise for every run (training.evaluate.iwae_score, float32 PyTorch), so two
+runs trained from the same data are compared on identical inputs.
+
+    python benchmarks/validation_nll.py runs/vamp-elbo runs/vamp-iwae5 --images 1000 --samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import checkpoint  # noqa: E402
+from training.data import load_data, split  # noqa: E402
+from training.evaluate import binarize, iwae_score  # noqa: E402
+from training.likelihood import Likelihood  # noqa: E402
+from training.models import build_model  # noqa: E402
+
+
+def validation_images(config: dict, count: int) -> np.ndarray:
+    data = load_data(config["data"], config.get("image_size"), config.get("channels"))
+    _, val = split(data, config["val_fraction"], config["seed"])
+    images = val.images[:count]
+    return binarize(images, seed=0) if config.get("binarize") == "dynamic" else images
+
+
+def score_run(run: str, count: int, samples: int) -> dict:
+    tensors, meta = checkpoint.load(run)
+    model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]),
+                        **meta["model_args"])
+    model.load_state_dict(checkpoint.model_tensors(tensors))
+    images = validation_images(meta["config"], count)
+    started = time.perf_counter()
+    s = iwae_score(model, images, samples=samples, seed=0)
+    return {"run": run, "step": meta["progress"]["global_step"], "images": len(images), "samples": samples,
+            "nll": float(s["nll"].mean()), "nll_sem": float(s["nll"].std(ddof=1) / np.sqrt(len(images))),
+            "neg_elbo": float(s["elbo"].mean()), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("runs", nargs="+", help="run folders or checkpoint JSON files")
+    parser.add_argument("--images", type=int, default=1000, help="the first N validation images")
+    parser.add_argument("--samples", type=int, default=200, help="importance samples K")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        print(json.dumps(score_run(run, args.images, args.samples)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
