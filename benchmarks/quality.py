@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import vaeinfer  # noqa: E402
+from benchmarks.results_io import machine  # noqa: E402
 from vaeinfer.images import save_grid  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -218,9 +218,8 @@ def main():
         return
 
     test, test_bin, labels = load_test(Path(args.data))
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     results = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores", "quick": args.quick,
+               "machine": machine(), "quick": args.quick,
                "protocol": __doc__.split("Protocol")[1].split("Writes")[0].strip(), "references": REFERENCES,
                "vae": {}, "vq": {}, "images": [], "sample_count": args.sample_count}
     from benchmarks.digit_classifier import load_or_train, sample_quality

@@ -6,7 +6,10 @@ exactly the ones that run never trained on. They get one fixed binarization (see
 same importance noise for every run (training.evaluate.iwae_score, float32 PyTorch), so two
 runs trained from the same data are compared on identical inputs.
 
-    python benchmarks/validation_nll.py runs/vamp-elbo runs/vamp-iwae5 --images 1000 --samples 200
+    python benchmarks/validation_nll.py runs/vamp-elbo runs/vamp-iwae5 --images 1000 --samples 100 \
+        --stem validation-nll
+
+With --stem the rows also go to benchmarks/results/<stem>.json and .md, with the machine and command.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import machine, write_results  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.data import load_data, split  # noqa: E402
 from training.evaluate import binarize, iwae_score  # noqa: E402
@@ -55,10 +60,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="the first N validation images")
     parser.add_argument("--samples", type=int, default=200, help="importance samples K")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stem", default=None, help="also write benchmarks/results/<stem>.json and .md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    rows = []
     for run in args.runs:
-        print(json.dumps(score_run(run, args.images, args.samples)), flush=True)
+        rows.append(score_run(run, args.images, args.samples))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.stem:
+        report = {"command": "python " + " ".join(sys.argv), "machine": machine(),
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": rows}
+        write_results(Path(__file__).parent / "results", args.stem, report, markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Validation NLL (IWAE bound on each run's own validation split; model selection, not the test set)", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", "",
+             "| run | step | images | K | NLL (nats) | -ELBO (nats) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["runs"]:
+        lines.append(f"| {r['run']} | {r['step']} | {r['images']} | {r['samples']} | "
+                     f"{r['nll']:.2f} ± {r['nll_sem']:.2f} | {r['neg_elbo']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
