@@ -27,7 +27,8 @@ def training_facts(meta: dict) -> dict:
             "epochs": history[-1]["epoch"] if history else 0, "steps": meta["progress"]["global_step"],
             "final_metrics": history[-1] if history else None,
             "config": {k: meta["config"].get(k) for k in ("batch_size", "lr", "lr_schedule", "beta",
-                                                          "kl_warmup_epochs", "binarize", "seed")}}
+                                                          "kl_warmup_epochs", "binarize", "seed",
+                                                          "iwae_samples", "precision", "init_from")}}
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None) -> Path:

@@ -353,5 +353,8 @@ def test_training_facts_in_manifest(conv):
     assert facts["epochs"] == 2 and facts["steps"] == 2 * 3  # 36 training images / 16 per batch
     assert facts["data"]["train_images"] == 36 and facts["data"]["val_images"] == 12
     assert facts["final_metrics"]["epoch"] == 2 and facts["config"]["seed"] == 0
+    # the objective and the precision a run trained with, and what it started from
+    assert facts["config"]["iwae_samples"] == 1 and facts["config"]["precision"] == "fp32"
+    assert facts["config"]["init_from"] is None
     assert manifest["export"]["torch_version"] == torch.__version__
     assert manifest["export"]["onnx_version"] == onnx.__version__
