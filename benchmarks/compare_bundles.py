@@ -27,8 +27,9 @@ from vaeinfer.bench import example_inputs  # noqa: E402
 CALLS = {"encode": lambda m, x: m.encode(x), "decode": lambda m, x: m.decode_params(x)}
 
 
-def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int | None, min_time: float) -> list[dict]:
-    models = {"old": vaeinfer.load(old, device="cpu", threads=threads), "new": vaeinfer.load(new, device="cpu", threads=threads)}
+def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int | None, min_time: float,
+            precision: str = "fp32") -> list[dict]:
+    models = {k: vaeinfer.load(b, device="cpu", threads=threads, precision=precision) for k, b in (("old", old), ("new", new))}
     rows = []
     for op in ops:
         for batch in batches:
@@ -44,7 +45,7 @@ def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int
 def markdown(report: dict) -> str:
     lines = ["# Retrained bundle against the one it replaces (same machine, same process)", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", "",
-             f"Old: `{report['old']}`; new: `{report['new']}`", "",
+             f"Old: `{report['old']}`; new: `{report['new']}`; {report['precision']} graphs", "",
              "| op | batch | old p50 | new p50 | new / old |", "| --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         lines.append(f"| {r['op']} | {r['batch']} | {r['old']['p50_ms']:.3f} ms | {r['new']['p50_ms']:.3f} ms | "
@@ -60,15 +61,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--ops", default="encode,decode")
     ap.add_argument("--threads", type=int, default=None, help="default: onnxruntime's (one per core)")
     ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timed calls per bundle, op and batch")
+    ap.add_argument("--precision", default="fp32", help="the graph variant of both bundles: fp32, fp16 or int8")
     ap.add_argument("--stem", default=None, help="also write benchmarks/results/<stem>.json and .md")
     args = ap.parse_args(argv)
     ops = args.ops.split(",")
     if unknown := set(ops) - set(CALLS):
         ap.error(f"--ops takes {sorted(CALLS)}, got {sorted(unknown)}")
-    rows = compare(args.old, args.new, [int(b) for b in args.batches.split(",")], ops, args.threads, args.min_time)
+    rows = compare(args.old, args.new, [int(b) for b in args.batches.split(",")], ops, args.threads, args.min_time,
+                   args.precision)
     report = {"command": "python benchmarks/compare_bundles.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "old": args.old, "new": args.new, "rows": rows}
+              "old": args.old, "new": args.new, "precision": args.precision, "rows": rows}
     if args.stem:
         write_results(REPO / "benchmarks" / "results", args.stem, report, markdown(report))
     else:

@@ -27,10 +27,16 @@ def test_both_bundles_are_timed_on_every_op_and_batch(compare_bundles, capsys):
 
 def test_a_ratio_over_ten_percent_is_called_a_regression(compare_bundles):
     row = {"op": "decode", "batch": 256, "old": {"p50_ms": 10.0}, "new": {"p50_ms": 11.5}, "ratio": 1.15}
-    report = {"command": "c", "machine": "m", "date": "d", "old": "a", "new": "b", "rows": [row]}
+    report = {"command": "c", "machine": "m", "date": "d", "old": "a", "new": "b", "precision": "fp32", "rows": [row]}
     assert "1.150 (regression)" in compare_bundles.markdown(report)
     row.update(new={"p50_ms": 10.5}, ratio=1.05)
     assert "(regression)" not in compare_bundles.markdown(report)
+
+
+def test_a_precision_variant_is_compared(compare_bundles):
+    report = compare_bundles.main(["mnist-vae", "mnist-vae", "--batches", "2", "--ops", "decode", "--min-time", "0.01",
+                                   "--threads", "1", "--precision", "int8"])
+    assert report["precision"] == "int8" and len(report["rows"]) == 1
 
 
 def test_an_unknown_op_is_refused(compare_bundles):
