@@ -6,7 +6,9 @@
 Both go through the public API with every runtime check on (`encode(x)`, `decode_params(z)`) on
 the same seeded inputs and the same threads; blocks alternate between the two bundles so that a
 slow moment of the machine hits both. Reports median latency per batch and NEW / OLD (a ratio
-above 1.10 is a regression of more than 10%).
+above 1.10 is a regression of more than 10%), and the execution mode each bundle's graph chose
+for large CPU batches on its first calls (one multi-threaded call or parallel chunks, see
+vaeinfer.runtime): when the two differ, so may their times, whatever the weights.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int
             x = example_inputs(models["old"], op, batch, seed=0)
             seconds = interleaved({k: (lambda m=m: CALLS[op](m, x)) for k, m in models.items()}, min_time)
             s = {k: stats(v, batch) for k, v in seconds.items()}
-            rows.append({"op": op, "batch": batch, "old": s["old"], "new": s["new"],
-                         "ratio": s["new"]["p50_ms"] / s["old"]["p50_ms"]})
+            role = "encoder" if op == "encode" else "decoder"
+            modes = {k: m.execution_modes()[role] for k, m in models.items()}  # chosen on the first large calls
+            rows.append({"op": op, "batch": batch, "old": {**s["old"], "mode": modes["old"]},
+                         "new": {**s["new"], "mode": modes["new"]}, "ratio": s["new"]["p50_ms"] / s["old"]["p50_ms"]})
             print(f"{op} batch {batch}: old {s['old']['p50_ms']:.3f} ms, new {s['new']['p50_ms']:.3f} ms", flush=True)
     return rows
 
@@ -46,10 +50,12 @@ def markdown(report: dict) -> str:
     lines = ["# Retrained bundle against the one it replaces (same machine, same process)", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", "",
              f"Old: `{report['old']}`; new: `{report['new']}`; {report['precision']} graphs", "",
-             "| op | batch | old p50 | new p50 | new / old |", "| --- | --- | --- | --- | --- |"]
+             "| op | batch | old p50 | new p50 | new / old | large-batch mode (old / new) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         lines.append(f"| {r['op']} | {r['batch']} | {r['old']['p50_ms']:.3f} ms | {r['new']['p50_ms']:.3f} ms | "
-                     f"{r['ratio']:.3f}{' (regression)' if r['ratio'] > 1.10 else ''} |")
+                     f"{r['ratio']:.3f}{' (regression)' if r['ratio'] > 1.10 else ''} | "
+                     f"{r['old'].get('mode') or '-'} / {r['new'].get('mode') or '-'} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ def test_both_bundles_are_timed_on_every_op_and_batch(compare_bundles, capsys):
     assert [(r["op"], r["batch"]) for r in rows] == [("encode", 1), ("encode", 3), ("decode", 1), ("decode", 3)]
     for r in rows:
         assert r["old"]["iterations"] >= 10 and r["new"]["iterations"] >= 10
+        assert r["old"]["mode"] in (None, "intra", "chunks") and r["new"]["mode"] in (None, "intra", "chunks")
         assert r["ratio"] == pytest.approx(r["new"]["p50_ms"] / r["old"]["p50_ms"])
     table = capsys.readouterr().out
     assert "| decode | 3 |" in table and report["machine"] in table
