@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import vaeinfer  # noqa: E402
-from benchmarks.results_io import machine, write_results  # noqa: E402
+from benchmarks.results_io import header, provenance, write_results  # noqa: E402
 from benchmarks.run import interleaved, stats  # noqa: E402
 from vaeinfer.bench import example_inputs  # noqa: E402
 
@@ -47,8 +46,7 @@ def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Retrained bundle against the one it replaces (same machine, same process)", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", "",
+    lines = [*header("Retrained bundle against the one it replaces (same machine, same process)", report),
              f"Old: `{report['old']}`; new: `{report['new']}`; {report['precision']} graphs", "",
              "| op | batch | old p50 | new p50 | new / old | large-batch mode (old / new) |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -75,8 +73,7 @@ def main(argv=None) -> dict:
         ap.error(f"--ops takes {sorted(CALLS)}, got {sorted(unknown)}")
     rows = compare(args.old, args.new, [int(b) for b in args.batches.split(",")], ops, args.threads, args.min_time,
                    args.precision)
-    report = {"command": "python benchmarks/compare_bundles.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    report = {**provenance(["benchmarks/compare_bundles.py", *(argv if argv is not None else sys.argv[1:])]),
               "old": args.old, "new": args.new, "precision": args.precision, "rows": rows}
     if args.stem:
         write_results(REPO / "benchmarks" / "results", args.stem, report, markdown(report))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -17,6 +18,18 @@ def machine() -> str:
         cpu = platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores"
+
+
+def provenance(argv: list[str]) -> dict:
+    """What a report records of where it came from: the command (`argv` with the script first),
+    the machine and the UTC time."""
+    return {"command": "python " + " ".join(argv), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def header(title: str, report: dict) -> list[str]:
+    """A report's Markdown title and its provenance lines (see `provenance`)."""
+    return [f"# {title}", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", ""]
 
 
 def write_results(out_dir: str | Path, stem: str, report: dict, markdown: str) -> None:

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_io import machine, write_results  # noqa: E402
+from benchmarks.results_io import header, provenance, write_results  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.data import load_data, split  # noqa: E402
 from training.evaluate import binarize, iwae_score  # noqa: E402
@@ -68,14 +67,12 @@ def main() -> None:
         rows.append(score_run(run, args.images, args.samples))
         print(json.dumps(rows[-1]), flush=True)
     if args.stem:
-        report = {"command": "python " + " ".join(sys.argv), "machine": machine(),
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": rows}
+        report = {**provenance(sys.argv), "runs": rows}
         write_results(Path(__file__).parent / "results", args.stem, report, markdown(report))
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Validation NLL (IWAE bound on each run's own validation split; model selection, not the test set)", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['date']}", "",
+    lines = [*header("Validation NLL (IWAE bound on each run's own validation split; model selection, not the test set)", report),
              "| run | step | images | K | NLL (nats) | -ELBO (nats) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
         lines.append(f"| {r['run']} | {r['step']} | {r['images']} | {r['samples']} | "
