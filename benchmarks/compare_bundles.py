@@ -25,7 +25,8 @@ from benchmarks.results_io import header, provenance, write_results  # noqa: E40
 from benchmarks.run import interleaved, stats  # noqa: E402
 from vaeinfer.bench import example_inputs  # noqa: E402
 
-CALLS = {"encode": lambda m, x: m.encode(x), "decode": lambda m, x: m.decode_params(x)}
+# op -> (the graph it runs, the call)
+CALLS = {"encode": ("encoder", lambda m, x: m.encode(x)), "decode": ("decoder", lambda m, x: m.decode_params(x))}
 
 
 def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int | None, min_time: float,
@@ -35,9 +36,9 @@ def compare(old: str, new: str, batches: list[int], ops: list[str], threads: int
     for op in ops:
         for batch in batches:
             x = example_inputs(models["old"], op, batch, seed=0)
-            seconds = interleaved({k: (lambda m=m: CALLS[op](m, x)) for k, m in models.items()}, min_time)
+            role, call = CALLS[op]
+            seconds = interleaved({k: (lambda m=m: call(m, x)) for k, m in models.items()}, min_time)
             s = {k: stats(v, batch) for k, v in seconds.items()}
-            role = "encoder" if op == "encode" else "decoder"
             modes = {k: m.execution_modes()[role] for k, m in models.items()}  # chosen on the first large calls
             rows.append({"op": op, "batch": batch, "old": {**s["old"], "mode": modes["old"]},
                          "new": {**s["new"], "mode": modes["new"]}, "ratio": s["new"]["p50_ms"] / s["old"]["p50_ms"]})

@@ -33,13 +33,14 @@ def plot_history(history: list[dict], path: Path) -> None:
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), dpi=100, squeeze=False)
     for ax, (title, keys) in zip(axes.flat, groups.items()):
+        paired = len(keys) > 1  # a training metric and its validation twin: a legend tells them apart
         for key in keys:
-            ax.plot(epochs, [row.get(key, float("nan")) for row in history], marker="o", markersize=3,
-                    label="validation" if key.startswith("val_") and len(keys) > 1 else "train" if len(keys) > 1 else None)
+            label = ("validation" if key.startswith("val_") else "train") if paired else None
+            ax.plot(epochs, [row.get(key, float("nan")) for row in history], marker="o", markersize=3, label=label)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
-        if len(keys) > 1:
+        if paired:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
