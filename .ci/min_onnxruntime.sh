@@ -12,7 +12,9 @@ rm -rf "$venv" && mkdir -p .ci-work
 .venv/bin/python -m venv "$venv"
 "$venv/bin/pip" install -q --no-deps "onnxruntime==$version"
 own=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" > "$own/zz-dot-venv.pth"
+# addsitedir (not a bare path line) so that .venv's own .pth files run too: the editable install's
+# finder maps vaeinfer.training and vaeinfer.export onto training/ and export/
+.venv/bin/python -c "import sysconfig; print(f'import site; site.addsitedir({sysconfig.get_path(\"purelib\")!r})')" > "$own/zz-dot-venv.pth"
 "$venv/bin/python" -c "import onnxruntime as o, sys; print('onnxruntime', o.__version__); sys.exit(o.__version__ != '$version')"
 PYTHONPATH=$PWD "$venv/bin/python" -m pytest -q -x -p no:cacheprovider \
   tests/test_runtime.py tests/test_prior_step.py tests/test_clean_graphs.py tests/test_io_binding.py \

@@ -129,7 +129,7 @@ def fp16_ranges(quick: bool) -> dict:
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from export.spatial import smooth_images
+    from vaeinfer.export.spatial import smooth_images
 
     out = {}
     for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
@@ -165,7 +165,7 @@ def make_models(quick: bool, tmp: Path, threads: int):
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from export.diffusers import from_diffusers
+    from vaeinfer.export.diffusers import from_diffusers
 
     out = {}
     for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
@@ -191,7 +191,7 @@ def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak
     import torch
 
     import vaeinfer
-    from export.diffusers import _Decoder
+    from vaeinfer.export.diffusers import _Decoder
     from run import TorchRunner, flops_per_image, stats
 
     rows = []

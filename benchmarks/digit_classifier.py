@@ -39,7 +39,7 @@ def _key() -> str:
 
 
 def _training_set(data_dir: Path):
-    from training.data import read_idx, to_nchw
+    from vaeinfer.training.data import read_idx, to_nchw
 
     images = to_nchw(read_idx(next(data_dir.glob("train-images-idx3-ubyte*"))), "train")
     labels = read_idx(next(data_dir.glob("train-labels-idx1-ubyte*"))).astype(np.int64)

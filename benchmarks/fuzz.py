@@ -60,11 +60,11 @@ def build_seeds(root: Path) -> list[Path]:
     """Export the two tiny seed bundles into root/{vae,vq}; returns their paths."""
     import torch
 
-    from export import export_vae
-    from export.bundle import export_bundle
-    from training.likelihood import Likelihood
-    from training.models import build_model
-    from training.pixelcnn import GatedPixelCNN
+    from vaeinfer.export import export_vae
+    from vaeinfer.export.bundle import export_bundle
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
+    from vaeinfer.training.pixelcnn import GatedPixelCNN
     from vaeinfer.spec import vq_graphs
 
     torch.manual_seed(0)

@@ -54,8 +54,8 @@ SUBSET_SEED = 0
 
 def load_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The official test set: (intensities, fixed binarization, labels)."""
-    from training.data import read_idx, to_nchw
-    from training.evaluate import binarize
+    from vaeinfer.training.data import read_idx, to_nchw
+    from vaeinfer.training.evaluate import binarize
 
     images = to_nchw(read_idx(next(data_dir.glob("t10k-images-idx3-ubyte*"))), "t10k")
     labels = read_idx(next(data_dir.glob("t10k-labels-idx1-ubyte*"))).astype(np.int64)
@@ -67,10 +67,10 @@ def torch_check(name: str, x: np.ndarray, samples: int, onnx_nll: np.ndarray) ->
     ckpt = ROOT / "training" / "checkpoints" / name
     if not (ckpt / "checkpoint.json").exists():
         return None
-    from training import checkpoint
-    from training.evaluate import iwae_score
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training import checkpoint
+    from vaeinfer.training.evaluate import iwae_score
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     tensors, meta = checkpoint.load(ckpt)
     model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])

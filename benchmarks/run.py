@@ -169,9 +169,9 @@ def torch_model(name: str, manifest: dict):
     """(module, source) for a bundled model: its checkpoint's weights, or None."""
     import torch  # noqa: F401
 
-    from training import checkpoint as ckpt
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training import checkpoint as ckpt
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     folder = checkpoint_dir(name)
     if folder is None:
@@ -331,8 +331,8 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
 
 def _architecture(manifest: dict):
     """The bundle's architecture with random weights, from the manifest's training facts."""
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     facts = manifest["training"]
     image = manifest["image"]

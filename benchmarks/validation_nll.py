@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_io import header, provenance, write_results  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.data import load_data, split  # noqa: E402
-from training.evaluate import binarize, iwae_score  # noqa: E402
-from training.likelihood import Likelihood  # noqa: E402
-from training.models import build_model  # noqa: E402
+from vaeinfer.training import checkpoint  # noqa: E402
+from vaeinfer.training.data import load_data, split  # noqa: E402
+from vaeinfer.training.evaluate import binarize, iwae_score  # noqa: E402
+from vaeinfer.training.likelihood import Likelihood  # noqa: E402
+from vaeinfer.training.models import build_model  # noqa: E402
 
 
 def validation_images(config: dict, count: int) -> np.ndarray:

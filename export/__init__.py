@@ -1,6 +1,6 @@
 """PyTorch -> validated ONNX bundle.
 
-    from export import export_checkpoint, export_vae
+    from vaeinfer.export import export_checkpoint, export_vae
     export_checkpoint("runs/my-vae", "bundles/my-vae")          # a run trained by `training`
     export_vae(my_encoder, my_decoder, (1, 28, 28), "bundles/x") # any module pair
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from export.graphs import ExportError
-from export.vae import export_vae
+from vaeinfer.export.graphs import ExportError
+from vaeinfer.export.vae import export_vae
 
 __all__ = ["export_vae", "export_checkpoint", "ExportError"]
 
@@ -33,9 +33,9 @@ def training_facts(meta: dict) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
     """Export a run folder (or its checkpoint.json) made by `training` into a bundle."""
-    from training import checkpoint as ckpt
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training import checkpoint as ckpt
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     tensors, meta = ckpt.load(checkpoint)
     model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])

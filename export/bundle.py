@@ -9,10 +9,10 @@ import onnxruntime
 import torch
 
 import vaeinfer
-from export.graphs import IR_VERSION, OPSET, set_metadata, strip_unused_initializers, trace
-from export.optimize import narrow_convs
-from export.validate import FP32_TOLERANCE, PARITY_BATCHES, Comparator, check_structure, max_abs_error, parity
-from export.writer import sha256, write_bundle
+from vaeinfer.export.graphs import IR_VERSION, OPSET, set_metadata, strip_unused_initializers, trace
+from vaeinfer.export.optimize import narrow_convs
+from vaeinfer.export.validate import FP32_TOLERANCE, PARITY_BATCHES, Comparator, check_structure, max_abs_error, parity
+from vaeinfer.export.writer import sha256, write_bundle
 from vaeinfer.manifest import FORMAT, FORMAT_VERSION
 from vaeinfer.spec import GraphSpec
 

@@ -1,6 +1,6 @@
 """Import of pretrained latent-diffusion autoencoders from diffusers (local files only).
 
-    from export.diffusers import from_diffusers
+    from vaeinfer.export.diffusers import from_diffusers
     from_diffusers("./sd-vae-ft-mse", "bundles/sd-vae")                 # a save_pretrained folder
     from_diffusers("./vae.safetensors", "bundles/x", config="./sd-vae")  # one .safetensors file
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from export.graphs import ExportError
-from export.spatial import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
+from vaeinfer.export.graphs import ExportError
+from vaeinfer.export.spatial import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
 
 FAMILIES = ("AutoencoderKL", "AutoencoderTiny", "VQModel")
 
@@ -185,7 +185,7 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
                               sizes=sizes, batches=batches, name=name or Path(out_dir).name,
                               source=_source(module, cfg, src), tolerance=tolerance, **facts)
     if precisions:
-        from export.variants import add_variants
+        from vaeinfer.export.variants import add_variants
 
         hh, ww = sizes[0]
         calib = smooth_images(calibration_images, facts["channels"], hh, ww, seed=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from export.graphs import ExportError
+from vaeinfer.export.graphs import ExportError
 from vaeinfer import priors
 from vaeinfer.errors import BundleError
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.bundle import export_graph
-from export.graphs import ExportError
-from export.validate import FP32_TOLERANCE, max_abs_error
-from export.writer import sha256, write_bundle
+from vaeinfer.export.bundle import export_graph
+from vaeinfer.export.graphs import ExportError
+from vaeinfer.export.validate import FP32_TOLERANCE, max_abs_error
+from vaeinfer.export.writer import sha256, write_bundle
 from vaeinfer.bundle import MANIFEST
 from vaeinfer.manifest import FORMAT_VERSION
 from vaeinfer.prior_sampling import cached_loop
@@ -35,7 +35,7 @@ def cache_facts(prior) -> dict | None:
 
 
 def step_modules(prior) -> dict:
-    from training.pixelcnn_step import PriorRow, PriorStep
+    from vaeinfer.training.pixelcnn_step import PriorRow, PriorStep
     return {"prior_row": PriorRow(prior).eval(), "prior_step": PriorStep(prior).eval()}
 
 
@@ -93,8 +93,8 @@ def add_prior_step(bundle_dir: str | Path, run_dir: str | Path, tolerance: float
     (its exported logits are compared with the bundle's prior graph). fp16/int8 variants use
     the fp32 cached graphs (the manifest lists no variant of them).
     """
-    from export.vq import load_prior
-    from training import checkpoint
+    from vaeinfer.export.vq import load_prior
+    from vaeinfer.training import checkpoint
 
     bundle_dir, run_dir = Path(bundle_dir), Path(run_dir)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())

@@ -1,7 +1,7 @@
 """kind "spatial-vae" (see vaeinfer.kinds): any spatial encoder/decoder pair -> a validated bundle
 with dynamic height and width.
 
-    from export.spatial import export_spatial_vae
+    from vaeinfer.export.spatial import export_spatial_vae
     export_spatial_vae(encoder, decoder, "bundles/x", channels=3, latent_channels=4, downsample=8,
                        height=256, width=256, value_range=(-1, 1), scaling_factor=0.18215)
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from export.bundle import export_bundle
-from export.graphs import ExportError
+from vaeinfer.export.bundle import export_bundle
+from vaeinfer.export.graphs import ExportError
 from vaeinfer.spec import HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, example_inputs, spatial_vae_graphs
 
 SIZES = ((64, 64), (96, 128))  # image sizes (H, W) validated by default

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from export.bundle import export_bundle
-from export.graphs import ExportError
+from vaeinfer.export.bundle import export_bundle
+from vaeinfer.export.graphs import ExportError
 from vaeinfer.spec import vae_graphs
 
 
 def _likelihood(kind: str, scale: float | None) -> dict:
-    from training.likelihood import Likelihood
+    from vaeinfer.training.likelihood import Likelihood
 
     try:
         return Likelihood(kind, scale).to_json()
@@ -27,8 +27,8 @@ def export_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, image_shape, 
 
     `latent_prior`: a learned prior as a diagonal Gaussian mixture (numpy arrays log_weights (K,),
     means (K, Z), logvars (K, Z) and source "vamp" or "mog"); None: the standard normal."""
-    from export.latent_prior import prior_files
-    from training.models import latent_dim_of
+    from vaeinfer.export.latent_prior import prior_files
+    from vaeinfer.training.models import latent_dim_of
 
     image = tuple(int(d) for d in image_shape)
     if len(image) != 3 or image[0] not in (1, 3):
@@ -50,7 +50,7 @@ def export_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, image_shape, 
 def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
     """A trained run's model (`run_dir` unused: a VAE run has nothing beside its checkpoint); a
     learned prior goes along as prior.npz (a VampPrior's pseudo-input posteriors computed once)."""
-    from training.priors import export_mixture
+    from vaeinfer.training.priors import export_mixture
 
     lik = meta["likelihood"]
     return export_vae(model.encoder, model.decoder, meta["image_shape"], out_dir, likelihood=lik["kind"],

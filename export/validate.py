@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graphs import ExportError, example_inputs
+from vaeinfer.export.graphs import ExportError, example_inputs
 from vaeinfer.spec import GraphSpec
 
 PARITY_BATCHES = (1, 2, 37)

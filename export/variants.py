@@ -1,6 +1,6 @@
 """Precision variants of a bundle's graphs, written into the bundle's manifest `variants` slot.
 
-    from export.variants import add_variants
+    from vaeinfer.export.variants import add_variants
     add_variants("bundles/mnist-vae", ["fp16", "int8"], calibration=train_images, evaluation=test_images)
 
 - fp16: onnxconverter-common's float16 conversion with fp32 inputs/outputs (keep_io_types), for
@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from export.graphs import IR_VERSION, ExportError
-from export.writer import sha256, write_bundle
+from vaeinfer.export.graphs import IR_VERSION, ExportError
+from vaeinfer.export.writer import sha256, write_bundle
 from vaeinfer.manifest import STEP_ROLES
 from vaeinfer.bundle import open_bundle
 
@@ -405,7 +405,7 @@ def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.nd
 
 def _bundle_files(bundle) -> dict[str, bytes]:
     """Every file the manifest names (graphs of fp32 and variants, a learned prior), verified."""
-    from export.latent_prior import bundle_files
+    from vaeinfer.export.latent_prior import bundle_files
 
     m = bundle.manifest
     files = bundle_files(bundle)
@@ -520,7 +520,7 @@ def run_data(meta: dict) -> tuple:
     that made a checkpoint: its own data, train/validation split and binarization. Held out
     is the dataset's test split when it has one (an MNIST-style folder with t10k-* files),
     else the run's validation split."""
-    from training.data import load_data, split
+    from vaeinfer.training.data import load_data, split
 
     cfg = meta["config"]
     kwargs = {"image_size": cfg.get("image_size"), "channels": cfg.get("channels")}
@@ -533,7 +533,7 @@ def run_data(meta: dict) -> tuple:
         held, held_name = load_data(tests[0], **kwargs), f"test split ({tests[0].name})"
     x_held = held.images
     if cfg.get("binarize") == "dynamic":  # the likelihood was fitted to binary images
-        from training.evaluate import binarize
+        from vaeinfer.training.evaluate import binarize
 
         x_held = binarize(x_held, seed=cfg.get("seed", 0))
     desc = {"data": cfg["data"], "held_out": held_name, "binarized": cfg.get("binarize") == "dynamic"}
@@ -542,7 +542,7 @@ def run_data(meta: dict) -> tuple:
 
 def add_variants_from_run(bundle_dir: str | Path, run: str | Path, precisions, **kwargs) -> Path:
     """add_variants with the calibration and evaluation data of the run that made the bundle."""
-    from training import checkpoint as ckpt
+    from vaeinfer.training import checkpoint as ckpt
 
     _, meta = ckpt.load(run)
     x_train, y_train, x_held, y_held, desc = run_data(meta)

@@ -14,10 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.bundle import export_bundle
-from export.graphs import ExportError, example_inputs
-from export.prior_step import cache_check, cache_facts, step_limits, step_modules
-from export.validate import FP32_TOLERANCE, max_abs_error
+from vaeinfer.export.bundle import export_bundle
+from vaeinfer.export.graphs import ExportError, example_inputs
+from vaeinfer.export.prior_step import cache_check, cache_facts, step_limits, step_modules
+from vaeinfer.export.validate import FP32_TOLERANCE, max_abs_error
 from vaeinfer.spec import vq_graphs
 
 TIE_RELATIVE_GAP = 1e-5
@@ -85,8 +85,8 @@ def round_trip(model, tolerance: float):
 
 def load_prior(run_dir: Path, vq_weights_sha256: str):
     """The PixelCNN prior saved beside a VQ-VAE run, or None; refuses one trained for other weights."""
-    from training import checkpoint
-    from training.pixelcnn import GatedPixelCNN
+    from vaeinfer.training import checkpoint
+    from vaeinfer.training.pixelcnn import GatedPixelCNN
 
     folder = run_dir if run_dir.is_dir() else run_dir.parent
     if not checkpoint.exists(folder, "prior"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from export.graphs import ExportError, strip_unused_initializers
+from vaeinfer.export.graphs import ExportError, strip_unused_initializers
 from vaeinfer import manifest as manifest_mod
 from vaeinfer._fs import fsync_dir
 from vaeinfer.bundle import MANIFEST

@@ -70,7 +70,7 @@ class Case:
     model_args: dict
 
     def config(self, data: Path, **overrides):
-        from training.train import TrainConfig
+        from vaeinfer.training.train import TrainConfig
 
         args = dict(data=str(data), arch=self.arch, model_args=dict(self.model_args), likelihood=self.likelihood,
                     gaussian_scale=0.2, epochs=2, batch_size=16, val_fraction=0.25, seed=0, threads=1)
@@ -104,8 +104,8 @@ class _Zoo:
 
     def get(self, name: str) -> Trained:
         if name not in self.done:
-            from export import export_checkpoint
-            from training.train import train
+            from vaeinfer.export import export_checkpoint
+            from vaeinfer.training.train import train
 
             case = CASES[name]
             folder = self.root / name

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import vaeinfer
-from export import export_checkpoint
+from vaeinfer.export import export_checkpoint
 from tests.conftest import CASES, blob_images, write_npz
-from training import checkpoint
-from training.likelihood import Likelihood
-from training.models import build_model
-from training.train import TrainConfig, set_precision, train
+from vaeinfer.training import checkpoint
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
+from vaeinfer.training.train import TrainConfig, set_precision, train
 
 
 @pytest.mark.parametrize("samples", [1, 4])

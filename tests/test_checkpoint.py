@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import blob_images, write_npz
-from training import checkpoint
-from training import loop as loop_mod
-from training.checkpoint import CheckpointError
-from training.train import TrainConfig, train
+from vaeinfer.training import checkpoint
+from vaeinfer.training import loop as loop_mod
+from vaeinfer.training.checkpoint import CheckpointError
+from vaeinfer.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_sha256_mismatch_is_detected(mlp, tmp_path):
     with pytest.raises(CheckpointError, match="sha256"):
         checkpoint.load(run)
     checkpoint.load(run, verify=False)  # the bytes still parse; only the hash tells
-    from export import export_checkpoint
+    from vaeinfer.export import export_checkpoint
 
     with pytest.raises(CheckpointError, match="sha256"):
         export_checkpoint(run, tmp_path / "bundle")

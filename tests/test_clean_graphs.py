@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.graphs import unused_initializers
+from vaeinfer.export.graphs import unused_initializers
 
 GRAPHS = sorted(Path(__file__).parent.parent.joinpath("vaeinfer", "models").glob("*/*.onnx"))
 OPEN = """
@@ -43,7 +43,7 @@ def test_committed_graphs_have_no_unused_initializers(path):
 def test_the_writer_drops_unused_initializers(tmp_path):
     import json
 
-    from export.writer import sha256, write_bundle
+    from vaeinfer.export.writer import sha256, write_bundle
     bundle = GRAPHS[0].parent
     manifest = json.loads((bundle / "manifest.json").read_text())
     model = onnx.load(bundle / "decoder.onnx")

@@ -22,7 +22,7 @@ from tests.conftest import blob_images, write_npz
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = """
 import json, sys
-from training.train import TrainConfig, train
+from vaeinfer.training.train import TrainConfig, train
 train(TrainConfig.from_json(json.loads(sys.argv[1])), sys.argv[2], resume=sys.argv[3] == "1", progress_bar=False)
 """
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
@@ -77,7 +77,7 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 def _tensors(run: Path) -> tuple[dict, dict]:
-    from training import checkpoint
+    from vaeinfer.training import checkpoint
 
     tensors, meta = checkpoint.load(run)  # verifies the weights' sha256
     return tensors, meta
@@ -86,7 +86,7 @@ def _tensors(run: Path) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def straight(config, tmp_path_factory):
     """The uninterrupted run (in this process: same code, one thread, same bits), and how long it took."""
-    from training.train import TrainConfig, train
+    from vaeinfer.training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("straight") / "run"
     start = time.monotonic()
@@ -142,7 +142,7 @@ def _digests(folder: Path) -> dict:
 def test_kill_during_export_never_mixes_old_and_new(mlp, tmp_path):
     """A child rewrites the bundle over and over, alternating two different exports; it is killed
     at random moments. Each time, the folder must be exactly one complete export, which loads."""
-    from export.writer import write_bundle
+    from vaeinfer.export.writer import write_bundle
 
     versions = [_bundle_files(mlp.bundle), _bundle_files(ROOT / "tests" / "data" / "fuzz-seeds" / "vae")]
     out = tmp_path / "bundle"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MNIST_DIR, blob_images
-from training.data import DataError, load_data, read_idx, split
+from vaeinfer.training.data import DataError, load_data, read_idx, split
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
@@ -170,7 +170,7 @@ def test_real_mnist_idx():
 
 
 def test_split_is_seeded(gray):
-    from training.data import ImageData
+    from vaeinfer.training.data import ImageData
 
     data = ImageData(gray[:, None].astype(np.float32) / 255, np.arange(10), "x")
     train_a, val_a = split(data, 0.3, seed=1)
@@ -245,8 +245,8 @@ def test_bad_data(tmp_path, case):
 
 def test_training_reads_every_format(tmp_path, gray):
     """The loop takes any of these sources (here IDX .gz with image_size and channels conversion)."""
-    from training import checkpoint
-    from training.train import TrainConfig, train
+    from vaeinfer.training import checkpoint
+    from vaeinfer.training.train import TrainConfig, train
 
     write_idx(tmp_path / "train-images-idx3-ubyte", gray, gz=True)
     config = TrainConfig(data=str(tmp_path), arch="mlp-vae", model_args={"latent_dim": 2, "hidden": [8]},

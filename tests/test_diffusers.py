@@ -17,9 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from click.testing import CliRunner  # noqa: E402
 
 import vaeinfer  # noqa: E402
-from export.diffusers import from_diffusers  # noqa: E402
-from export.graphs import ExportError  # noqa: E402
-from export.spatial import smooth_images  # noqa: E402
+from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
+from vaeinfer.export.graphs import ExportError  # noqa: E402
+from vaeinfer.export.spatial import smooth_images  # noqa: E402
 from vaeinfer.cli import main  # noqa: E402
 from vaeinfer.errors import InputError  # noqa: E402
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from tests.conftest import blob_images
-from training import checkpoint, distributed
-from training.train import TrainConfig, train
+from vaeinfer.training import checkpoint, distributed
+from vaeinfer.training.train import TrainConfig, train
 
 RTOL = 1e-5  # the bound: max |ddp - single| / max |single|, per tensor
 STEPS = 20

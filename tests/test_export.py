@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from torch import nn
 
 import vaeinfer
-from export import ExportError, export_vae
-from export.graphs import IR_VERSION, OPSET
-from export.validate import RANDOM_OPS
+from vaeinfer.export import ExportError, export_vae
+from vaeinfer.export.graphs import IR_VERSION, OPSET
+from vaeinfer.export.validate import RANDOM_OPS
 from vaeinfer.cli import main
 
 # A user's own tiny VAE, written as a user would. Also written to a file for `vaeinfer export --modules`.
@@ -249,7 +249,7 @@ def test_export_argument_errors(tmp_path):
 
 
 def test_reexport_replaces_bundle(mlp, tmp_path):
-    from export import export_checkpoint
+    from vaeinfer.export import export_checkpoint
 
     out = export_checkpoint(mlp.run, tmp_path / "b")
     before = json.loads((out / "manifest.json").read_text())
@@ -317,9 +317,9 @@ def test_manifest_parity_figures(trained):
 
 
 def _torch_model(run):
-    from training import checkpoint
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training import checkpoint
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     tensors, meta = checkpoint.load(run)
     model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])

@@ -15,11 +15,11 @@ from tests.conftest import CASES, blob_images, write_npz
 from tests.test_distributed import VAE as DDP_VAE, compare, single_process, torchrun
 from tests.test_latent_prior import ExactPosteriorUnderPrior
 from tests.test_score import SIGMA, LinearDecoder
-from training import checkpoint
-from training.likelihood import Likelihood
-from training.models import VAE, build_model
-from training.priors import warm_start
-from training.train import TrainConfig, train
+from vaeinfer.training import checkpoint
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import VAE, build_model
+from vaeinfer.training.priors import warm_start
+from vaeinfer.training.train import TrainConfig, train
 
 
 def _model(prior: str = "normal"):

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 import vaeinfer
-from export import export_checkpoint, export_vae
+from vaeinfer.export import export_checkpoint, export_vae
 from tests.conftest import CASES, blob_images, write_npz
 from tests.test_score import SIGMA, LinearDecoder
-from training import checkpoint
-from training.evaluate import iwae_score
-from training.likelihood import Likelihood
-from training.models import build_model
-from training.priors import MoGPrior, VampPrior, export_mixture, warm_start
-from training.train import train
+from vaeinfer.training import checkpoint
+from vaeinfer.training.evaluate import iwae_score
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
+from vaeinfer.training.priors import MoGPrior, VampPrior, export_mixture, warm_start
+from vaeinfer.training.train import train
 from vaeinfer import priors
 
 PRIORS = ["vamp", "mog"]

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.optimize import narrow_convs
+from vaeinfer.export.optimize import narrow_convs
 
 
 def _conv_model(c_in, c_out, k, pads, bias=True, **attrs):

@@ -8,7 +8,7 @@ pytest.importorskip("matplotlib")
 
 from PIL import Image
 
-from training.plots import panels, plot_history
+from vaeinfer.training.plots import panels, plot_history
 
 
 def _history(epochs: int) -> list[dict]:

@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.bundle import export_graph
-from export.prior_step import cache_check, cache_facts, step_limits, step_modules
-from export.validate import max_abs_error
-from training.pixelcnn import GatedPixelCNN
-from training.pixelcnn_step import cached_logits_sweep
+from vaeinfer.export.bundle import export_graph
+from vaeinfer.export.prior_step import cache_check, cache_facts, step_limits, step_modules
+from vaeinfer.export.validate import max_abs_error
+from vaeinfer.training.pixelcnn import GatedPixelCNN
+from vaeinfer.training.pixelcnn_step import cached_logits_sweep
 from vaeinfer.prior_sampling import cached_loop, full_grid_loop
 from vaeinfer.runtime import Graph
 from vaeinfer.spec import vq_graphs

@@ -90,8 +90,8 @@ def test_score_matches_torch_elbo_scale(conv):
 @pytest.mark.parametrize("channels", [[4], [4, 8], [4, 4, 8]])
 def test_conv_vae_any_size(shape, channels):
     """ConvDecoder's final crop makes any H x W exact, also odd and non-square ones."""
-    from training.likelihood import Likelihood
-    from training.models import build_model
+    from vaeinfer.training.likelihood import Likelihood
+    from vaeinfer.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model("conv-vae", shape, Likelihood(), latent_dim=3, channels=channels, blocks=1)
@@ -106,7 +106,7 @@ def test_conv_vae_any_size(shape, channels):
 @pytest.mark.parametrize("kind,scale", [("bernoulli", None), ("gaussian", 0.3), ("laplace", 0.2)])
 def test_runtime_likelihood_equals_training_likelihood(kind, scale):
     """vaeinfer.likelihood (numpy) computes the same log p(x|z) and image as training.likelihood (torch)."""
-    from training.likelihood import Likelihood
+    from vaeinfer.training.likelihood import Likelihood
     from vaeinfer import likelihood as lik
 
     rng = np.random.default_rng(0)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import vaeinfer
-from export import export_vae
-from training.evaluate import iwae_score
-from training.likelihood import Likelihood
-from training.models import build_model
+from vaeinfer.export import export_vae
+from vaeinfer.training.evaluate import iwae_score
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
 
 SIGMA = 0.3
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.conftest import blob_images
-from training import checkpoint
-from training.likelihood import Likelihood
-from training.models import build_model
+from vaeinfer.training import checkpoint
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
 from vaeinfer.cli import main
 
 TINY = {"downsample": 4, "latent_channels": 2, "channels": [8, 16], "blocks": 1}

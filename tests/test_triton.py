@@ -15,10 +15,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import vaeinfer
-from export import export_checkpoint
+from vaeinfer.export import export_checkpoint
 from tests.conftest import blob_images, write_npz
-from training.prior import PriorConfig, train_prior
-from training.train import TrainConfig, train
+from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.train import TrainConfig, train
 from vaeinfer.cli import main
 from vaeinfer.errors import InputError
 from vaeinfer.triton import write_model_repository

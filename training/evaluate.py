@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from training.models import VAE
-from training.priors import mixture_log_prob
+from vaeinfer.training.models import VAE
+from vaeinfer.training.priors import mixture_log_prob
 
 
 def _noise(seed: int, index: int, k: int, dim: int) -> np.ndarray:

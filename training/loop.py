@@ -117,7 +117,7 @@ def run_loop(config, *, rows: int, progress: dict, history: list[dict], optimize
         checkpoint_now()
     bar.close()
     if is_main and history:
-        from training.plots import plot_history
+        from vaeinfer.training.plots import plot_history
 
         plot_history(history, curve_path)
 

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from training.likelihood import Likelihood
-from training.priors import LOG_2PI, build_prior
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.priors import LOG_2PI, build_prior
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -252,7 +252,7 @@ def _vae(builder):
 # arch name -> build(image_shape, likelihood, **constructor_args) -> a module with .loss();
 # the modules of _REGISTERED_BY add theirs when imported.
 ARCHITECTURES = {"mlp-vae": _vae(build_mlp_vae), "conv-vae": _vae(build_conv_vae)}
-_REGISTERED_BY = {"vqvae": "training.vqvae", "spatial-conv-vae": "training.spatial"}
+_REGISTERED_BY = {"vqvae": "vaeinfer.training.vqvae", "spatial-conv-vae": "vaeinfer.training.spatial"}
 
 
 def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Module:

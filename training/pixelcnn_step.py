@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.pixelcnn import GatedPixelCNN
+from vaeinfer.training.pixelcnn import GatedPixelCNN
 
 
 def _padded_table(prior: GatedPixelCNN) -> torch.Tensor:

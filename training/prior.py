@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from training import checkpoint
-from training.checkpoint import CheckpointError
-from training.data import DataError, load_data, split
-from training.likelihood import Likelihood
-from training.models import build_model
-from training.pixelcnn import GatedPixelCNN
-from training.loop import new_progress, run_loop
-from training.train import JsonConfig, TrainConfig
+from vaeinfer.training import checkpoint
+from vaeinfer.training.checkpoint import CheckpointError
+from vaeinfer.training.data import DataError, load_data, split
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
+from vaeinfer.training.pixelcnn import GatedPixelCNN
+from vaeinfer.training.loop import new_progress, run_loop
+from vaeinfer.training.train import JsonConfig, TrainConfig
 
 NAME = "prior"  # the checkpoint's name in the run folder
 

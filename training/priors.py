@@ -101,7 +101,7 @@ def warm_start(model: nn.Module, init_from: str | None, images: torch.Tensor, se
     prior = getattr(model, "prior", None)
     prior_loaded = False
     if init_from:
-        from training import checkpoint
+        from vaeinfer.training import checkpoint
 
         tensors, _ = checkpoint.load(init_from)
         source = checkpoint.model_tensors(tensors)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training import distributed
+from vaeinfer.training import distributed
 
 
 class Quantized(NamedTuple):

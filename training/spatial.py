@@ -25,8 +25,8 @@ import math
 import torch
 from torch import nn
 
-from training.likelihood import Likelihood
-from training.models import ARCHITECTURES, VAE, ResBlock, _act, upsampling
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import ARCHITECTURES, VAE, ResBlock, _act, upsampling
 
 DOWNSAMPLES = (2, 4, 8, 16)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import checkpoint, distributed, priors
-from training.data import DEFAULT_DATA, load_data, split
-from training.likelihood import Likelihood
-from training.loop import new_progress, run_loop
-from training.models import build_model, kl_weight
+from vaeinfer.training import checkpoint, distributed, priors
+from vaeinfer.training.data import DEFAULT_DATA, load_data, split
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.loop import new_progress, run_loop
+from vaeinfer.training.models import build_model, kl_weight
 
 
 class JsonConfig:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.likelihood import Likelihood
-from training.models import ARCHITECTURES, ResBlock, _act, _down_size, upsampling
-from training.quantizer import Quantized, VectorQuantizer
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import ARCHITECTURES, ResBlock, _act, _down_size, upsampling
+from vaeinfer.training.quantizer import Quantized, VectorQuantizer
 
 
 class VQEncoderNet(nn.Module):

@@ -29,7 +29,7 @@ class Group(click.Group):
         except MemoryError:
             _fail("out of memory (try a smaller -n or --batch-size)")
         except Exception as e:  # errors of the training side (ExportError, CheckpointError, DataError, ...)
-            if type(e).__module__.split(".")[0] in ("training", "export"):
+            if type(e).__module__.startswith(("vaeinfer.training.", "vaeinfer.export.")):
                 _fail(e)
             raise
 

@@ -15,8 +15,8 @@ from vaeinfer.cli.common import main
 def _training_side():
     try:
         import torch  # noqa: F401
-        import training.train  # noqa: F401
-        import export  # noqa: F401
+        import vaeinfer.training.train  # noqa: F401
+        import vaeinfer.export  # noqa: F401
     except ImportError as e:
         raise click.ClickException(f"this command needs the training side ({e.name} is missing): "
                                    "pip install 'vaeinfer[train,cpu]' (torch==2.13.0 first on CPU-only machines)")
@@ -104,7 +104,7 @@ def train(ctx, config_file, resume, out, quiet, **flags):
     """Train a VAE, beta-VAE, spatial-latent VAE or VQ-VAE into a run folder (checkpoint, metrics, loss
     curve, samples)."""
     _training_side()
-    from training.train import TrainConfig, train as run
+    from vaeinfer.training.train import TrainConfig, train as run
 
     explicit = {k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     base = json.loads(Path(config_file).read_text()) if config_file else {}
@@ -177,7 +177,7 @@ def train(ctx, config_file, resume, out, quiet, **flags):
 def train_prior_cmd(run_dir, resume, quiet, **flags):
     """Train the PixelCNN prior of the VQ-VAE in RUN_DIR on its code grids (stored in RUN_DIR)."""
     _training_side()
-    from training.prior import PriorConfig, train_prior
+    from vaeinfer.training.prior import PriorConfig, train_prior
 
     config = PriorConfig(**{k: v for k, v in flags.items() if v is not None})
     path = train_prior(run_dir, config, resume=resume, progress_bar=not quiet)
@@ -212,12 +212,12 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, p
     """Export a run folder (or its checkpoint.json), your own modules, or a diffusers autoencoder
     (--from-diffusers) to a validated ONNX bundle."""
     _training_side()
-    from export import export_checkpoint, export_vae
+    from vaeinfer.export import export_checkpoint, export_vae
 
     if diffusers_src:
         if checkpoint or modules:
             raise click.UsageError("--from-diffusers takes no CHECKPOINT argument and no --modules")
-        from export.diffusers import from_diffusers
+        from vaeinfer.export.diffusers import from_diffusers
 
         path = from_diffusers(diffusers_src, out, name=name, config=diffusers_config, precisions=precisions,
                               progress=lambda message: click.echo(message, err=True))
@@ -247,7 +247,7 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, p
 
 
 def _export_variants(path, checkpoint, precisions, calibration_data, shape) -> None:
-    from export.variants import add_variants, add_variants_from_run
+    from vaeinfer.export.variants import add_variants, add_variants_from_run
 
     def say(message):
         click.echo(message, err=True)
@@ -257,7 +257,7 @@ def _export_variants(path, checkpoint, precisions, calibration_data, shape) -> N
         return
     if not calibration_data:
         raise click.UsageError("--precision with --modules needs --calibration-data (training images to calibrate on)")
-    from training.data import load_data
+    from vaeinfer.training.data import load_data
 
     data = load_data(calibration_data, image_size=shape[1:], channels=shape[0])
     add_variants(path, list(precisions), data.images, calibration_labels=data.labels,

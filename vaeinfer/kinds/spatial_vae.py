@@ -53,7 +53,7 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
 
 
 KIND = register(Kind(
-    name="spatial-vae", runtime="vaeinfer.spatial:SpatialVAE", export_module="export.spatial",
+    name="spatial-vae", runtime="vaeinfer.spatial:SpatialVAE", export_module="vaeinfer.export.spatial",
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},

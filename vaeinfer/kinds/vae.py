@@ -21,7 +21,7 @@ def parse_latent(latent: dict) -> dict:
 
 
 KIND = register(Kind(
-    name="vae", runtime="vaeinfer.vae:VAE", export_module="export.vae",
+    name="vae", runtime="vaeinfer.vae:VAE", export_module="vaeinfer.export.vae",
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: vae_graphs(m.image, m.latent["dim"]),
     int_limits=lambda m: {},

@@ -50,7 +50,7 @@ def _limits(m) -> dict:
 
 
 KIND = register(Kind(
-    name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="export.vq",
+    name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="vaeinfer.export.vq",
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=_limits,
     latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), prior_slot=True,
 ))
