@@ -129,7 +129,7 @@ def fp16_ranges(quick: bool) -> dict:
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from vaeinfer.export.spatial import smooth_images
+    from vaeinfer.export.spatial_vae import smooth_images
 
     out = {}
     for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),

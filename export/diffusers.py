@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vaeinfer.export.graphs import ExportError
-from vaeinfer.export.spatial import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
+from vaeinfer.export.spatial_vae import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
 
 FAMILIES = ("AutoencoderKL", "AutoencoderTiny", "VQModel")
 
@@ -191,6 +191,6 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
         calib = smooth_images(calibration_images, facts["channels"], hh, ww, seed=1)
         held = smooth_images(max(2, calibration_images // 4), facts["channels"], hh, ww, seed=2)
         path = add_variants(path, list(precisions), calib, held, nll_images=0, speed_batch=2, calibration_batch=4,
-                            source={"data": f"smooth synthetic images {hh}x{ww} (export.spatial.smooth_images)"},
+                            source={"data": f"smooth synthetic images {hh}x{ww} (vaeinfer.export.spatial_vae.smooth_images)"},
                             max_image_mae=0.1, progress=progress)
     return path

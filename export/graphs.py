@@ -6,12 +6,11 @@ import json
 import logging
 import warnings
 
-import numpy as np
 import onnx
 import torch
 from torch.export import Dim
 
-from vaeinfer.spec import BATCH, GraphSpec, TensorSpec, example_inputs  # noqa: F401  (export.validate, export.vq use it from here)
+from vaeinfer.spec import BATCH, GraphSpec, TensorSpec, example_inputs  # noqa: F401  (export.validate, export.vqvae use it from here)
 
 OPSET = 18
 # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13 (and the oldest

@@ -93,7 +93,7 @@ def add_prior_step(bundle_dir: str | Path, run_dir: str | Path, tolerance: float
     (its exported logits are compared with the bundle's prior graph). fp16/int8 variants use
     the fp32 cached graphs (the manifest lists no variant of them).
     """
-    from vaeinfer.export.vq import load_prior
+    from vaeinfer.export.vqvae import load_prior
     from vaeinfer.training import checkpoint
 
     bundle_dir, run_dir = Path(bundle_dir), Path(run_dir)

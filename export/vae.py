@@ -50,7 +50,7 @@ def export_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, image_shape, 
 def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
     """A trained run's model (`run_dir` unused: a VAE run has nothing beside its checkpoint); a
     learned prior goes along as prior.npz (a VampPrior's pseudo-input posteriors computed once)."""
-    from vaeinfer.training.priors import export_mixture
+    from vaeinfer.training.latent_prior import export_mixture
 
     lik = meta["likelihood"]
     return export_vae(model.encoder, model.decoder, meta["image_shape"], out_dir, likelihood=lik["kind"],

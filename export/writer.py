@@ -97,15 +97,3 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def clean_bundle(bundle_dir: str | Path) -> Path:
-    """Re-write an existing bundle through `write_bundle`, dropping its graphs' unused initializers
-    (bundles written before the writer did so); all other bytes stay."""
-    bundle_dir = Path(bundle_dir)
-    manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    names = {e["file"] for e in manifest["graphs"].values()}
-    names |= {e["file"] for v in (manifest.get("variants") or {}).values() for e in v["graphs"].values()}
-    if manifest.get("latent_prior"):  # a VAE's learned prior (prior.npz), carried as it is
-        names.add(manifest["latent_prior"]["file"])
-    return write_bundle(bundle_dir, manifest, {name: (bundle_dir / name).read_bytes() for name in sorted(names)})

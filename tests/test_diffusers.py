@@ -19,12 +19,12 @@ from click.testing import CliRunner  # noqa: E402
 import vaeinfer  # noqa: E402
 from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
 from vaeinfer.export.graphs import ExportError  # noqa: E402
-from vaeinfer.export.spatial import smooth_images  # noqa: E402
+from vaeinfer.export.spatial_vae import smooth_images  # noqa: E402
 from vaeinfer.cli import main  # noqa: E402
 from vaeinfer.errors import InputError  # noqa: E402
 
 SIZES = ((16, 16), (24, 32))
-FP32_TOL = 5e-4  # the export's own tolerance (export.spatial.TOLERANCE)
+FP32_TOL = 5e-4  # the export's own tolerance (vaeinfer.export.spatial_vae.TOLERANCE)
 
 
 def _kl():

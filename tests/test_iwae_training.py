@@ -18,7 +18,7 @@ from tests.test_score import SIGMA, LinearDecoder
 from vaeinfer.training import checkpoint
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import VAE, build_model
-from vaeinfer.training.priors import warm_start
+from vaeinfer.training.latent_prior import warm_start
 from vaeinfer.training.train import TrainConfig, train
 
 

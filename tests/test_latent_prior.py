@@ -22,9 +22,9 @@ from vaeinfer.training import checkpoint
 from vaeinfer.training.evaluate import iwae_score
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import build_model
-from vaeinfer.training.priors import MoGPrior, VampPrior, export_mixture, warm_start
+from vaeinfer.training.latent_prior import MoGPrior, VampPrior, export_mixture, warm_start
 from vaeinfer.training.train import train
-from vaeinfer import priors
+from vaeinfer import latent_prior
 
 PRIORS = ["vamp", "mog"]
 
@@ -111,7 +111,7 @@ def test_iwae_is_exact_under_a_shifted_scaled_one_component_prior(tmp_path):
 
 
 def test_mixture_sampling_is_seeded_and_follows_the_weights():
-    prior = priors.MixturePrior(np.log([0.8, 0.2]), np.array([[-5.0], [5.0]]), np.log([[0.01], [0.01]]))
+    prior = latent_prior.MixturePrior(np.log([0.8, 0.2]), np.array([[-5.0], [5.0]]), np.log([[0.01], [0.01]]))
     a = prior.sample(np.random.default_rng(0), 4000)
     np.testing.assert_array_equal(a, prior.sample(np.random.default_rng(0), 4000))
     assert a.dtype == np.float32 and a.shape == (4000, 1)
@@ -299,6 +299,6 @@ def test_the_prior_modules_are_mixtures_with_normalised_weights():
 
 def test_only_a_kind_with_the_slot_takes_a_latent_prior():
     slot = {"type": "mixture", "file": "prior.npz", "sha256": "0" * 64, "components": 2, "source": "mog"}
-    assert priors.parse_slot(slot, "vae") == slot
+    assert latent_prior.parse_slot(slot, "vae") == slot
     with pytest.raises(vaeinfer.BundleError, match="cannot have a latent_prior"):
-        priors.parse_slot(slot, "vqvae")
+        latent_prior.parse_slot(slot, "vqvae")

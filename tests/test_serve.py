@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import sys
 import zipfile
 
@@ -19,7 +18,6 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import vaeinfer  # noqa: E402
 from vaeinfer.serve import ServeConfig, create_app  # noqa: E402
 
 NPY = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}

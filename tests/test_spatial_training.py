@@ -116,7 +116,7 @@ def test_cli_default_likelihood_and_bad_combinations(rgb_folder, tmp_path):
 
 def test_trained_modules_trace_with_dynamic_height_and_width(tmp_path):
     """The encoder and decoder export (torch.onnx, dynamo) with symbolic H, W and run at a size
-    they were not traced at, matching PyTorch: what export/spatial.py relies on."""
+    they were not traced at, matching PyTorch: what export/spatial_vae.py relies on."""
     ort = pytest.importorskip("onnxruntime")
     from torch.export import Dim
 

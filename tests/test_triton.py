@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 import vaeinfer
 from vaeinfer.export import export_checkpoint
 from tests.conftest import blob_images, write_npz
-from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.pixelcnn_prior import PriorConfig, train_prior
 from vaeinfer.training.train import TrainConfig, train
 from vaeinfer.cli import main
 from vaeinfer.errors import InputError

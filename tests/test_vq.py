@@ -15,10 +15,10 @@ from tests.conftest import blob_images, write_npz
 from vaeinfer.training import checkpoint
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import build_model
-from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.pixelcnn_prior import PriorConfig, train_prior
 from vaeinfer.training.train import TrainConfig, train
 from vaeinfer.cli import main
-from vaeinfer.vq import draw, filter_logits
+from vaeinfer.vqvae import draw, filter_logits
 
 VQ_ARGS = {"codebook_size": 16, "code_dim": 4, "channels": [8, 8], "blocks": 0}
 

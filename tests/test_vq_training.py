@@ -18,7 +18,7 @@ from vaeinfer.training import checkpoint
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import build_model
 from vaeinfer.training.pixelcnn import GatedPixelCNN
-from vaeinfer.training.prior import PriorConfig, train_prior
+from vaeinfer.training.pixelcnn_prior import PriorConfig, train_prior
 from vaeinfer.training.quantizer import VectorQuantizer
 from vaeinfer.training.train import TrainConfig, train
 from vaeinfer.training.vqvae import VQVAE

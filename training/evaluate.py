@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vaeinfer.training.models import VAE
-from vaeinfer.training.priors import mixture_log_prob
+from vaeinfer.training.latent_prior import mixture_log_prob
 
 
 def _noise(seed: int, index: int, k: int, dim: int) -> np.ndarray:

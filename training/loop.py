@@ -1,4 +1,4 @@
-"""The one training loop that `training.train` (the models) and `training.prior` (a VQ-VAE's
+"""The one training loop that `vaeinfer.training.train` (the models) and `vaeinfer.training.pixelcnn_prior` (a VQ-VAE's
 prior) share: epochs of seeded-permutation batches, the learning-rate schedule, the optimizer
 step, the progress bar, per-epoch summary rows (validation included), checkpoints, the step
 budget, metrics.jsonl and the loss-curve PNG.

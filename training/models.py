@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vaeinfer.training.likelihood import Likelihood
-from vaeinfer.training.priors import LOG_2PI, build_prior
+from vaeinfer.training.latent_prior import LOG_2PI, build_prior
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -154,7 +154,7 @@ class VAE(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        """One image's latent: (latent_dim,) here, (c, h, w) for `training.spatial.SpatialVAE`."""
+        """One image's latent: (latent_dim,) here, (c, h, w) for `vaeinfer.training.spatial_vae.SpatialVAE`."""
         return (self.latent_dim,)
 
     def loss(self, x, target, beta: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
@@ -252,7 +252,7 @@ def _vae(builder):
 # arch name -> build(image_shape, likelihood, **constructor_args) -> a module with .loss();
 # the modules of _REGISTERED_BY add theirs when imported.
 ARCHITECTURES = {"mlp-vae": _vae(build_mlp_vae), "conv-vae": _vae(build_conv_vae)}
-_REGISTERED_BY = {"vqvae": "vaeinfer.training.vqvae", "spatial-conv-vae": "vaeinfer.training.spatial"}
+_REGISTERED_BY = {"vqvae": "vaeinfer.training.vqvae", "spatial-conv-vae": "vaeinfer.training.spatial_vae"}
 
 
 def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Module:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaeinfer.training import checkpoint, distributed, priors
+from vaeinfer.training import checkpoint, distributed, latent_prior
 from vaeinfer.training.data import DEFAULT_DATA, load_data, split
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.loop import new_progress, run_loop
@@ -201,7 +201,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, progre
                          f"posterior); {config.arch} trains on its own loss: use iwae_samples=1")
     set_precision(model, config)
     if progress["global_step"] == 0:
-        priors.warm_start(model, config.init_from, images, config.seed)
+        latent_prior.warm_start(model, config.init_from, images, config.seed)
     loss_fn = ctx.loss_fn(model)  # model.loss, or its data-parallel form that takes the global batch
     warmup_steps = int(config.kl_warmup_epochs * math.ceil(len(images) / config.batch_size))
     model.train()

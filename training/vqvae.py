@@ -94,7 +94,7 @@ class VQVAE(nn.Module):
     kind = "vqvae"
     draws_eps = False  # no reparameterisation noise
     loss_is_negative_elbo = False  # recon + VQ loss
-    encodes_to_codes = True  # the encoder gives code grids, which a learned prior (training.prior) models
+    encodes_to_codes = True  # the encoder gives code grids, which a learned prior (vaeinfer.training.pixelcnn_prior) models
 
     def __init__(self, image_shape, likelihood: Likelihood, codebook_size=512, code_dim=64, channels=(64, 128),
                  blocks=2, activation="relu", commitment=0.25, ema=True, decay=0.99, dead_code_threshold=100,

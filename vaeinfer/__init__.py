@@ -45,7 +45,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         `vaeinfer._probe.TIMEOUT` (120 s), BundleError here instead of a dead or hung app. Costs
         one process start and one extra session creation per graph.
     Returns the runtime class of the bundle's kind (`vaeinfer.kinds`): `vaeinfer.vae.VAE`,
-    `vaeinfer.vq.VQVAE`, ...; all are safe to share between threads.
+    `vaeinfer.vqvae.VQVAE`, ...; all are safe to share between threads.
     """
     bundle = open_bundle(model)
     if isolate:

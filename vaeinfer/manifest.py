@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vaeinfer import priors
+from vaeinfer import latent_prior
 from vaeinfer.errors import BundleError
 from vaeinfer import kinds
 from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as _positive
@@ -152,7 +152,7 @@ def parse(data: dict) -> Manifest:
             raise BundleError(f"manifest: variants.{precision}.graphs must name some of {list(roles)}, got {sorted(files)}")
         variants[precision] = {role: _graph_file(files[role], f"variants.{precision}.graphs.{role}") for role in files}
 
-    priors.parse_slot(data.get(priors.SLOT), kind)
+    latent_prior.parse_slot(data.get(latent_prior.SLOT), kind)
     manifest = Manifest(name=_get(data, "name", str, ""), kind=kind, format_version=version, image=shape,
                         value_range=(float(lo_hi[0]), float(lo_hi[1])), latent=latent, likelihood=likelihood,
                         graphs=graphs, variants=variants, prior=prior, raw=data)

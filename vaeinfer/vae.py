@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from vaeinfer import inputs, priors
+from vaeinfer import inputs, latent_prior
 from vaeinfer import likelihood as lik
 from vaeinfer.results import Posterior, Score
 from vaeinfer.runtime import DEFAULT_BATCH, Model, check_finite
@@ -17,13 +17,13 @@ _LOG_2PI = math.log(2 * math.pi)
 class VAE(Model):
     """A loaded VAE bundle. Images are float32 (N, C, H, W) in `info.value_range`.
 
-    `prior` is the bundle's learned latent prior (a `vaeinfer.priors.MixturePrior`), or None for
+    `prior` is the bundle's learned latent prior (a `vaeinfer.latent_prior.MixturePrior`), or None for
     the standard normal; `sample` draws from it and `score` uses its log p(z)."""
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, precision: str = "fp32",
                  verify: bool = True, **options):
         super().__init__(bundle, device, threads, precision, verify, **options)
-        self.prior = priors.load(bundle, self.latent_dim, verify)
+        self.prior = latent_prior.load(bundle, self.latent_dim, verify)
 
     @property
     def latent_dim(self) -> int:
@@ -108,7 +108,7 @@ def iwae_score(model, x: np.ndarray, samples: int, seed: int, batch_size: int | 
                latent_shape: tuple[int, ...], log_prior=None) -> Score:
     """The IWAE scores of checked images x under `model` (its encode(x, rows) -> Posterior and
     decode_params(z, rows)), with latents of `latent_shape` per image (see VAE.score).
-    log_prior(z (..., Z) float64) -> log p(z): a learned prior (vaeinfer.priors); default N(0, I)."""
+    log_prior(z (..., Z) float64) -> log p(z): a learned prior (vaeinfer.latent_prior); default N(0, I)."""
     k = inputs.count(samples, "samples")
     seed = inputs.seed(seed) or 0
     if not isinstance(index_offset, (int, np.integer)) or isinstance(index_offset, bool) or index_offset < 0:

@@ -177,7 +177,7 @@ def train(ctx, config_file, resume, out, quiet, **flags):
 def train_prior_cmd(run_dir, resume, quiet, **flags):
     """Train the PixelCNN prior of the VQ-VAE in RUN_DIR on its code grids (stored in RUN_DIR)."""
     _training_side()
-    from vaeinfer.training.prior import PriorConfig, train_prior
+    from vaeinfer.training.pixelcnn_prior import PriorConfig, train_prior
 
     config = PriorConfig(**{k: v for k, v in flags.items() if v is not None})
     path = train_prior(run_dir, config, resume=resume, progress_bar=not quiet)

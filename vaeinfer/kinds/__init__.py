@@ -36,7 +36,7 @@ class Kind:
     sample_options: tuple[str, ...] = ()  # keyword options of the runtime's `sample` beyond the common ones
     scorable: bool = False  # has `score` (an ELBO): a Gaussian latent with an encoder posterior
     prior_slot: bool = False  # the manifest may carry `prior` (and a prior graph)
-    latent_prior_slot: bool = False  # the manifest may carry `latent_prior` (a learned mixture, vaeinfer.priors)
+    latent_prior_slot: bool = False  # the manifest may carry `latent_prior` (a learned mixture, vaeinfer.latent_prior)
     channels: tuple[int, ...] = (1, 3)  # the image channel counts the kind takes
     likelihoods: tuple[str, ...] = ("bernoulli", "gaussian")
     scale_optional: bool = False  # a Gaussian/Laplace likelihood may state no scale (then: no score)

@@ -1,7 +1,7 @@
 """kind "spatial-vae": spatial latents (N, c, H / f, W / f) with dynamic height and width;
 encoder x -> mean [, logvar], decoder z -> params. Latent-diffusion autoencoders imported from
 diffusers (AutoencoderKL, AutoencoderTiny, VQModel; see export/diffusers.py) and conv VAEs with
-spatial latents. Runtime: vaeinfer.spatial.SpatialVAE; export: export.spatial."""
+spatial latents. Runtime: vaeinfer.spatial_vae.SpatialVAE; export: vaeinfer.export.spatial_vae."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
 
 
 KIND = register(Kind(
-    name="spatial-vae", runtime="vaeinfer.spatial:SpatialVAE", export_module="vaeinfer.export.spatial",
+    name="spatial-vae", runtime="vaeinfer.spatial_vae:SpatialVAE", export_module="vaeinfer.export.spatial_vae",
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},

@@ -50,7 +50,7 @@ def _limits(m) -> dict:
 
 
 KIND = register(Kind(
-    name="vqvae", runtime="vaeinfer.vq:VQVAE", export_module="vaeinfer.export.vq",
+    name="vqvae", runtime="vaeinfer.vqvae:VQVAE", export_module="vaeinfer.export.vqvae",
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=_limits,
     latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), prior_slot=True,
 ))

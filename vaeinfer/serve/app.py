@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import vaeinfer
-from vaeinfer.errors import BackendError, BundleError, InputError, OutputError
+from vaeinfer.errors import BackendError, InputError, OutputError
 from vaeinfer.serve import bodies
 from vaeinfer.serve.batcher import Batcher
 from vaeinfer.serve.bodies import ApiError, Payload

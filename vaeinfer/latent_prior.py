@@ -1,6 +1,6 @@
 """A VAE's latent prior at run time: the standard normal, or a diagonal Gaussian mixture.
 
-A bundle with a learned prior (VampPrior or mixture of Gaussians, see training/priors.py) lists
+A bundle with a learned prior (VampPrior or mixture of Gaussians, see training/latent_prior.py) lists
 it in the manifest's `latent_prior` slot and stores it as `prior.npz` (np.savez, float64 arrays
 `log_weights` (K,), `means` (K, Z), `logvars` (K, Z)); a VampPrior's pseudo-input posteriors
 are computed once at export, so both kinds are the same mixture here. No slot: N(0, I), as in
@@ -96,11 +96,6 @@ class MixturePrior:
         top = log_n.max(axis=1, keepdims=True)
         out = top[:, 0] + np.log(np.exp(log_n - top).sum(axis=1))
         return out.reshape(z.shape[:-1])
-
-
-def standard_normal_log_prob(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    return -0.5 * (z ** 2 + _LOG_2PI).sum(axis=-1)
 
 
 def from_npz(data: bytes, slot: dict, latent_dim: int, where: str) -> MixturePrior:

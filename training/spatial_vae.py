@@ -3,7 +3,7 @@
 Importing this module registers the architecture "spatial-conv-vae" in
 `training.models.ARCHITECTURES` (`vaeinfer train --arch conv-vae --latent spatial`). The model
 is fully convolutional, so the trained weights run at any H, W that are multiples of f, and it
-offers the same two plain modules as the other VAEs, which export/spatial.py exports (kind
+offers the same two plain modules as the other VAEs, which export/spatial_vae.py exports (kind
 "spatial-vae"):
 
 - ``encoder(x) -> (mean, logvar)``: x (N, C, H, W) float32 in [-1, 1]; mean and logvar

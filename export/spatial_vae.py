@@ -1,7 +1,7 @@
 """kind "spatial-vae" (see vaeinfer.kinds): any spatial encoder/decoder pair -> a validated bundle
 with dynamic height and width.
 
-    from vaeinfer.export.spatial import export_spatial_vae
+    from vaeinfer.export.spatial_vae import export_spatial_vae
     export_spatial_vae(encoder, decoder, "bundles/x", channels=3, latent_channels=4, downsample=8,
                        height=256, width=256, value_range=(-1, 1), scaling_factor=0.18215)
 
@@ -115,7 +115,7 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
 
 def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
     """A trained run's spatial conv VAE (`vaeinfer train --arch conv-vae --latent spatial`;
-    training.spatial.SpatialVAE: images in the checkpoint's value_range, [-1, 1])."""
+    vaeinfer.training.spatial_vae.SpatialVAE: images in the checkpoint's value_range, [-1, 1])."""
     c, h, w = meta["image_shape"]
     f = model.downsample
     return export_spatial_vae(model.encoder, model.decoder, out_dir, channels=c, latent_channels=model.latent_channels,
