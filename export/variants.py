@@ -27,7 +27,9 @@ import copy
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -35,10 +37,10 @@ import onnxruntime as ort
 
 from vaeinfer.export.graphs import IR_VERSION, ExportError
 from vaeinfer.export.writer import sha256, write_bundle
+from vaeinfer import precisions as precision_table
 from vaeinfer.manifest import STEP_ROLES
 from vaeinfer.bundle import open_bundle
 
-VARIANTS = ("fp16", "int8")
 SPEED_BATCH = 256
 # ops that only move or reshape data: walking back from an output through them reaches the
 # node that computes it
@@ -432,8 +434,8 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     """
     say = progress or (lambda _msg: None)
     for p in precisions:
-        if p not in VARIANTS:
-            raise ExportError(f"precision must be one of {VARIANTS}, got {p!r}")
+        if p not in CONVERTERS:
+            raise ExportError(f"precision must be one of {tuple(CONVERTERS)}, got {p!r}")
     bundle = open_bundle(bundle_dir)
     m = bundle.manifest
     # the cached prior graphs (prior_row, prior_step) stay fp32 for every precision: they are
@@ -455,26 +457,23 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     manifest = copy.deepcopy(m.raw)
     manifest.setdefault("variants", {})
     made = {}
+    settings = {"keep_outputs": keep_outputs, "method": method, "percentile": percentile}
     for precision in dict.fromkeys(precisions):
         say(f"{precision}: converting {', '.join(fp32)}")
+        convert, row = CONVERTERS[precision], precision_table.get(precision, variant=True)
         graphs = {}
-        reports = {}
+        reports = {role: {} for role in fp32}
         for role, data in fp32.items():
-            if precision == "fp16":
-                # fp16 safety checked on the calibration images' own feeds (real-looking inputs)
-                reports[role] = {}
-                graphs[role] = make_fp16(data, _chunks(feeds[role], calibration_batch), reports[role])
-            else:
-                graphs[role] = make_int8(data, _chunks(feeds[role], calibration_batch), keep_outputs, method, percentile)
+            # converted with the calibration images' own feeds (real-looking inputs): int8's ranges, fp16's safety
+            graphs[role] = convert.make(data, _chunks(feeds[role], calibration_batch), reports[role], **settings)
         made[precision] = graphs
         for role, data in graphs.items():
-            name = f"{role}.{precision}.onnx"
-            files[name] = data
+            files[row.variant_file(role)] = data
         manifest["variants"][precision] = {
-            "graphs": {role: {"file": f"{role}.{precision}.onnx", "sha256": sha256(data)}
+            "graphs": {role: {"file": row.variant_file(role), "sha256": sha256(data)}
                        for role, data in graphs.items()}}
-        if reports:
-            manifest["variants"][precision]["fp16_safety"] = reports
+        if convert.report:
+            manifest["variants"][precision][convert.report] = reports
     # a first write to a scratch copy, so that the runtime itself can evaluate the variants
     with tempfile.TemporaryDirectory(prefix="vaeinfer-variants-") as tmp:
         scratch = write_bundle(Path(tmp) / "bundle", manifest, files)
@@ -490,8 +489,8 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
             speed = speedups(scratch, precision, feeds, speed_batch, threads=threads)
             entry = manifest["variants"][precision]
             entry.update({
-                "method": _method(precision, keep_outputs, method, percentile),
-                "calibration": None if precision == "fp16" else {
+                "method": CONVERTERS[precision].method(**settings),
+                "calibration": None if not precision_table.get(precision).calibrated else {
                     **(source or {}), "images": len(calib), "split": "train", "seed": seed},
                 "error": {"evaluated_on": {**(source or {}), "images": len(evaluation), "split": "held out"}, **errors},
                 "speedup": {"batch": speed_batch, "provider": "CPUExecutionProvider", "threads": threads,
@@ -502,15 +501,41 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     return write_bundle(out_dir or bundle.path, manifest, files)
 
 
-def _method(precision: str, keep_outputs: bool, method: str, percentile: float) -> dict:
-    if precision == "fp16":
-        return {"tool": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
-                "fp32_nodes": "codebook distances (VQ), and the nodes that overflow fp16 on the calibration "
-                              "images (fp32 values above fp16_safety.overflow_threshold, or NaN/Inf in fp16)"}
+@dataclass(frozen=True)
+class Converter:
+    """How one variant precision (a row of vaeinfer.precisions) is made from an fp32 graph.
+
+    make(fp32 graph bytes, feeds of the calibration images (a list of dicts), report (a dict to
+    fill, per graph), keep_outputs=, method=, percentile=) -> the variant graph's bytes.
+    method(keep_outputs=, method=, percentile=) -> the manifest's `method` entry.
+    report: the manifest key the per-graph reports go under (None: the converter reports nothing).
+    """
+
+    make: Callable[..., bytes]
+    method: Callable[..., dict]
+    report: str | None = None
+
+
+def _fp16_method(**_settings) -> dict:
+    return {"tool": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
+            "fp32_nodes": "codebook distances (VQ), and the nodes that overflow fp16 on the calibration "
+                          "images (fp32 values above fp16_safety.overflow_threshold, or NaN/Inf in fp16)"}
+
+
+def _int8_method(keep_outputs: bool, method: str, percentile: float) -> dict:
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8 asymmetric",
             "weights": "int8 symmetric per-channel", "calibration": method,
             **({"percentile": percentile} if method == "Percentile" else {}),
             "fp32_nodes": "codebook distances (VQ)" + (" and output layers" if keep_outputs else "")}
+
+
+# one converter per variant row of vaeinfer.precisions (tests/test_precisions.py checks they agree)
+CONVERTERS: dict[str, Converter] = {
+    "fp16": Converter(lambda data, feeds, report, **_: make_fp16(data, feeds, report), _fp16_method,
+                      report="fp16_safety"),
+    "int8": Converter(lambda data, feeds, report, keep_outputs, method, percentile:
+                      make_int8(data, feeds, keep_outputs, method, percentile), _int8_method),
+}
 
 
 # --- from a training run ----------------------------------------------------------------------

@@ -30,7 +30,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
         "cpu", "cuda" or "cuda:N" (an error, never a silent fallback, when CUDA cannot run).
     threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
-    precision: "fp32", or a variant the bundle carries ("fp16", "int8"; see `info.precisions`).
+    precision: "fp32", or a variant the bundle carries (see `info.precisions`; the known ones:
+        vaeinfer.precisions.names()).
     verify: check every graph's sha256 against the manifest. Turn off only for a bundle you
         already trust on a hot path (e.g. reloading the bundled models in a worker).
     cuda_graph: on CUDA, replay captured CUDA graphs for fixed batch buckets: True (batch sizes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vaeinfer import latent_prior
+from vaeinfer import latent_prior, precisions
 from vaeinfer.errors import BundleError
 from vaeinfer import kinds
 from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as _positive
@@ -28,7 +28,6 @@ FORMAT = "vaeinfer-bundle"
 FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace")  # laplace: spatial-vae only (see vaeinfer.kinds)
-PRECISIONS = ("fp32", "fp16", "int8")
 STEP_ROLES = ("prior_row", "prior_step")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
@@ -57,12 +56,12 @@ class Manifest:
     def specs(self) -> dict[str, GraphSpec]:
         return kinds.get(self.kind).graphs(self)
 
-    def files(self, precision: str = "fp32") -> dict[str, GraphFile]:
+    def files(self, precision: str = precisions.REFERENCE) -> dict[str, GraphFile]:
         """The graph files for a precision: the variant's own graphs over the fp32 ones."""
-        if precision == "fp32":
+        if precision == precisions.REFERENCE:
             return dict(self.graphs)
         if precision not in self.variants:
-            have = ", ".join(["fp32", *sorted(self.variants)])
+            have = ", ".join([precisions.REFERENCE, *sorted(self.variants)])
             raise BundleError(f"bundle {self.name!r} has no {precision} variant; it has: {have}")
         return {**self.graphs, **self.variants[precision]}
 
@@ -145,8 +144,8 @@ def parse(data: dict) -> Manifest:
     graphs = {role: _graph_file(graphs_in[role], f"graphs.{role}") for role in roles}
     variants = {}
     for precision, entry in _get(data, "variants", dict, "").items() if "variants" in data else ():
-        if precision not in PRECISIONS[1:]:
-            raise BundleError(f"manifest: expected variants keyed by {PRECISIONS[1:]}, got {precision!r:.40}")
+        if precision not in precisions.variant_names():
+            raise BundleError(f"manifest: expected variants keyed by {precisions.variant_names()}, got {precision!r:.40}")
         files = _get(entry, "graphs", dict, f"variants.{precision}")
         if not files or not set(files) <= set(roles):
             raise BundleError(f"manifest: variants.{precision}.graphs must name some of {list(roles)}, got {sorted(files)}")

@@ -17,7 +17,7 @@ from vaeinfer import likelihood as lik
 from vaeinfer.bundle import Bundle
 from vaeinfer.inputs import all_finite
 from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, VaeinferError
-from vaeinfer.manifest import PRECISIONS
+from vaeinfer import precisions
 from vaeinfer.results import ModelInfo
 from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_device, parse_device
 from vaeinfer.spec import ORT_TYPES, GraphSpec, is_fixed
@@ -373,8 +373,7 @@ class Model:
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        precisions.get(precision)  # UnknownPrecision (a ValueError) naming the known ones
         self.bundle, self.manifest = bundle, bundle.manifest
         dev = parse_device(device)
         buckets = _buckets(cuda_graph)
@@ -395,7 +394,7 @@ class Model:
             name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
             providers=tuple(next(iter(self._graphs.values())).session.get_providers()), precision=precision,
-            precisions=("fp32", *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for f in m.files(precision).values()}, path=str(bundle.path),
             cuda_graph=next(iter(self._graphs.values())).buckets

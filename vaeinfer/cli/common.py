@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 import vaeinfer
-from vaeinfer import images as image_io
+from vaeinfer import images as image_io, precisions
 from vaeinfer.errors import InputError, VaeinferError
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -53,7 +53,7 @@ def main():
 
 
 def model_option(f):
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+    f = click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True,
                      help="Which of the bundle's graph variants to run.")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="onnxruntime intra-op threads (default: one per core).")(f)

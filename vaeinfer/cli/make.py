@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from vaeinfer import precisions
 from vaeinfer.cli.common import main
 
 
@@ -195,19 +196,21 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
 @click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), default="bernoulli", show_default=True,
               help="With --modules: what the decoder's output parameterises.")
 @click.option("--scale", type=float, default=None, help="With --modules and gaussian: the fixed std.")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
-              help="Also write this precision variant into the bundle (repeatable): fp16 (for GPUs), int8 "
-                   "(static QDQ, calibrated on the run's training images; for CPUs with VNNI). Each is "
-                   "validated against fp32 on held-out images; its errors and speed-up go into the manifest.")
+@click.option("--precision", "variants", multiple=True, type=click.Choice(precisions.variant_names()),
+              help="Also write this precision variant into the bundle (repeatable): "
+                   + "; ".join(f"{p.name}: {p.meaning}" for p in precisions.TABLE if p.variant)
+                   + ". Each is validated against fp32 on held-out images; its errors and speed-up go into the "
+                     "manifest.")
 @click.option("--calibration-data", default=None, type=click.Path(exists=True),
               help="With --modules and --precision: training images to calibrate on (.npy/.npz, IDX, image folder).")
 @click.option("--from-diffusers", "diffusers_src", default=None, type=click.Path(exists=True),
               help="Import a diffusers AutoencoderKL / AutoencoderTiny / VQModel: a save_pretrained folder "
                    "(config.json + safetensors) or a single .safetensors file (with --config). Local files only; "
-                   "needs the diffusers extra. --precision fp16/int8 calibrate on synthetic smooth images.")
+                   f"needs the diffusers extra. --precision {'/'.join(precisions.variant_names())} calibrate on "
+                   "synthetic smooth images.")
 @click.option("--config", "diffusers_config", default=None, type=click.Path(exists=True),
               help="With --from-diffusers FILE.safetensors: its diffusers config folder or config.json.")
-def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, precisions, calibration_data,
+def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, variants, calibration_data,
                diffusers_src, diffusers_config):
     """Export a run folder (or its checkpoint.json), your own modules, or a diffusers autoencoder
     (--from-diffusers) to a validated ONNX bundle."""
@@ -219,9 +222,9 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, p
             raise click.UsageError("--from-diffusers takes no CHECKPOINT argument and no --modules")
         from vaeinfer.export.diffusers import from_diffusers
 
-        path = from_diffusers(diffusers_src, out, name=name, config=diffusers_config, precisions=precisions,
+        path = from_diffusers(diffusers_src, out, name=name, config=diffusers_config, precisions=variants,
                               progress=lambda message: click.echo(message, err=True))
-        precisions = ()  # made and validated by from_diffusers
+        variants = ()  # made and validated by from_diffusers
     elif modules:
         if checkpoint or not image_shape:
             raise click.UsageError("--modules takes --image-shape CxHxW and no CHECKPOINT argument")
@@ -232,8 +235,8 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, p
         path = export_checkpoint(checkpoint, out, name=name)
     else:
         raise click.UsageError("give a CHECKPOINT (run folder or checkpoint.json) or --modules")
-    if precisions:
-        _export_variants(path, checkpoint, precisions, calibration_data, None if not modules else shape)
+    if variants:
+        _export_variants(path, checkpoint, variants, calibration_data, None if not modules else shape)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     for role, figures in manifest["export"]["parity"]["graphs"].items():
         click.echo(f"{role}: parity vs PyTorch at batches {manifest['export']['parity']['batches']}: {figures}", err=True)
@@ -246,21 +249,21 @@ def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, p
     click.echo(f"wrote bundle {path}", err=True)
 
 
-def _export_variants(path, checkpoint, precisions, calibration_data, shape) -> None:
+def _export_variants(path, checkpoint, variants, calibration_data, shape) -> None:
     from vaeinfer.export.variants import add_variants, add_variants_from_run
 
     def say(message):
         click.echo(message, err=True)
 
     if checkpoint:
-        add_variants_from_run(path, checkpoint, list(precisions), progress=say)
+        add_variants_from_run(path, checkpoint, list(variants), progress=say)
         return
     if not calibration_data:
         raise click.UsageError("--precision with --modules needs --calibration-data (training images to calibrate on)")
     from vaeinfer.training.data import load_data
 
     data = load_data(calibration_data, image_size=shape[1:], channels=shape[0])
-    add_variants(path, list(precisions), data.images, calibration_labels=data.labels,
+    add_variants(path, list(variants), data.images, calibration_labels=data.labels,
                  source={"data": str(calibration_data)}, progress=say)
 
 

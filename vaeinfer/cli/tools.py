@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import vaeinfer
+from vaeinfer import precisions
 from vaeinfer.cli.common import main, model_option
 
 
@@ -59,7 +60,7 @@ def bench(model, device, threads, precision, batches, ops, min_time, min_iters, 
               help="Model instances per device (the instance group's count).")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Run the instances on CPU (KIND_CPU) or GPU (KIND_GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True,
               help="Which of the bundle's graph variants to serve.")
 @click.option("--name", default=None, help="Model name prefix (default: the bundle's name): NAME_encoder, ...")
 @click.option("--preferred-batch-size", "preferred", type=click.IntRange(min=1), multiple=True,

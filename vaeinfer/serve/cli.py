@@ -6,6 +6,7 @@ import os
 
 import click
 
+from vaeinfer import precisions
 from vaeinfer.cli.common import main
 
 
@@ -18,7 +19,7 @@ from vaeinfer.cli.common import main
               help="Server processes (each loads the models and batches on its own).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads per graph.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Rows merged into one onnxruntime call (1: no micro-batching).")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
