@@ -29,7 +29,7 @@ from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import build_model
 from vaeinfer.training.pixelcnn import GatedPixelCNN
 from vaeinfer.training.loop import new_progress, run_loop
-from vaeinfer.training.train import JsonConfig, TrainConfig
+from vaeinfer.training.config import JsonConfig, TrainConfig
 
 NAME = "prior"  # the checkpoint's name in the run folder
 

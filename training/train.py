@@ -10,77 +10,17 @@ exactly as if the run had never stopped (a test checks bit-identical weights).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vaeinfer.training import checkpoint, distributed, latent_prior
-from vaeinfer.training.data import DEFAULT_DATA, load_data, split
-from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.config import TrainConfig
+from vaeinfer.training.data import load_data, split
 from vaeinfer.training.loop import new_progress, run_loop
 from vaeinfer.training.models import build_model, kl_weight
-
-
-class JsonConfig:
-    """A dataclass config that reads itself from JSON (unknown keys from newer versions ignored)
-    and checks the schedule fields every config here has."""
-
-    @classmethod
-    def from_json(cls, data: dict):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def check_schedule(self) -> None:
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-
-
-@dataclass
-class TrainConfig(JsonConfig):
-    """Everything a run needs; saved in its checkpoint, so a run can be resumed or reproduced."""
-
-    data: str = DEFAULT_DATA
-    arch: str = "conv-vae"
-    image_size: list[int] | None = None  # [H, W]; default: the data's own
-    channels: int | None = None  # 1 or 3; default: the data's own
-    model_args: dict = field(default_factory=dict)  # the architecture's constructor arguments
-    likelihood: str = "bernoulli"  # or "gaussian", "laplace"
-    gaussian_scale: float = 0.1
-    laplace_scale: float = 0.1
-    binarize: str = "none"  # "dynamic": each step draws a binary image from the pixel intensities
-    beta: float = 1.0  # KL weight (beta-VAE)
-    kl_warmup_epochs: float = 0.0
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # or "cosine"
-    val_fraction: float = 0.1
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
-    label: str | None = None  # a name for the dataset in the bundle's training facts
-    init_from: str | None = None  # a run folder or checkpoint whose model weights a fresh run starts from
-    iwae_samples: int = 1  # K > 1: train on the K-sample importance-weighted bound (IWAE) instead of the ELBO
-    precision: str = "fp32"  # "bf16": the networks under bf16 autocast in channels-last layout (losses in fp32)
-
-    def __post_init__(self):
-        if self.binarize not in ("none", "dynamic"):
-            raise ValueError(f"binarize must be 'none' or 'dynamic', got {self.binarize!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not isinstance(self.iwae_samples, int) or self.iwae_samples < 1:
-            raise ValueError(f"iwae_samples must be an integer >= 1, got {self.iwae_samples!r}")
-        self.check_schedule()
-
-    def likelihood_obj(self) -> Likelihood:
-        scales = {"gaussian": self.gaussian_scale, "laplace": self.laplace_scale}
-        return Likelihood(self.likelihood, scales.get(self.likelihood))
 
 
 def prepare_batch(x: torch.Tensor, config: TrainConfig, generator: torch.Generator):

