@@ -11,6 +11,7 @@ import numpy as np
 
 import vaeinfer
 from vaeinfer import images as image_io, precisions
+from vaeinfer.op_params import Param
 from vaeinfer.errors import InputError, VaeinferError
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -62,6 +63,23 @@ def model_option(f):
     f = click.option("-m", "--model", default=vaeinfer.DEFAULT_MODEL, show_default=True,
                      help="A bundled model's name (see `vaeinfer info`) or a bundle directory.")(f)
     return f
+
+
+def op_options(*params: Param):
+    """Decorator: a click option per op parameter (vaeinfer.op_params), in the order given."""
+
+    def option(p: Param):
+        ranged = click.IntRange if p.type is int else click.FloatRange
+        kind = ranged(p.min, p.max, min_open=p.min_open) if (p.min, p.max) != (None, None) else p.type
+        flags = p.flags or ("--" + p.name.replace("_", "-"),)
+        return click.option(*flags, p.name, type=kind, default=p.default, show_default=True, help=p.help)
+
+    def decorate(f):
+        for p in reversed(params):
+            f = option(p)(f)
+        return f
+
+    return decorate
 
 
 def _load(model, device, threads, precision):

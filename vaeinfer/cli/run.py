@@ -13,27 +13,18 @@ from vaeinfer import images as image_io
 from vaeinfer import kinds
 from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
 from vaeinfer.cli.common import (_check_out, _load, _progress, _read_images, _spatial_options, _write_images, main,
-                                 model_option)
+                                 model_option, op_options)
 from vaeinfer.errors import InputError
+from vaeinfer.op_params import SAMPLE, SCORE
 
 
 @main.command()
 @model_option
-@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=16, show_default=True, help="How many images.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the host-side noise: the same seed gives the same images.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Scale of the prior noise (VAE) or of the prior's logits (VQ-VAE: 1/temperature).")
+@op_options(*SAMPLE.values())
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per onnxruntime call.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="VQ-VAE: sample among the k likeliest codes.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="VQ-VAE: nucleus sampling over the codes.")
-@click.option("--label", type=click.IntRange(min=0), default=None, help="VQ-VAE with a class-conditional prior: the class.")
 @click.option("-o", "--out", default="samples.png", show_default=True,
               help="Output: .png, .jpg or .webp (a grid), .npy or .npz (float32 images N, C, H, W).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Spatial VAE: image height (default: native).")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Spatial VAE: image width (default: native).")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (bounded memory).")
 def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow,
@@ -125,9 +116,7 @@ def reconstruct(model, device, threads, precision, inputs, out, batch_size):
 @main.command()
 @model_option
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("-k", "--samples", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Importance samples per image (IWAE bound; larger is tighter and slower).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@op_options(*SCORE.values())
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Decoder rows per onnxruntime call.")
 @click.option("-o", "--out", default=None, help="Write per-image scores to this .npz or .csv.")
 def score(model, device, threads, precision, inputs, samples, seed, batch_size, out):

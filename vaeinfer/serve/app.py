@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 import vaeinfer
 from vaeinfer.errors import BackendError, InputError, OutputError
+from vaeinfer.op_params import INTERPOLATE, SAMPLE, SCORE
 from vaeinfer.serve import bodies
 from vaeinfer.serve.batcher import Batcher
 from vaeinfer.serve.bodies import ApiError, Payload
@@ -86,7 +87,7 @@ def _kwargs(payload: Payload, skip=("nrow",)) -> dict:
 
 
 async def _sample(s: Served, p: Payload):
-    n = p.params.get("n", 16)
+    n = p.params.get("n", SAMPLE["n"].default)
     if isinstance(n, int) and not isinstance(n, bool) and n > s.config.max_rows:
         raise ApiError(413, f"n: {n} images; the limit is {s.config.max_rows} (--max-rows)")
     latents = await run_in_threadpool(s.model.sample_latents, n, **_kwargs(p, ("nrow", "n")))
@@ -109,7 +110,7 @@ async def _reconstruct(s: Served, p: Payload):
 
 async def _score(s: Served, p: Payload):
     x = s.rows(p, OPS_BY_NAME["score"].inputs, "x")
-    samples = p.params.get("samples", 100)
+    samples = p.params.get("samples", SCORE["samples"].default)
     if isinstance(samples, int) and samples > MAX_SCORE_SAMPLES:
         raise ApiError(413, f"samples: {samples}; the limit is {MAX_SCORE_SAMPLES}")
     result = await run_in_threadpool(s.model.score, x, **_kwargs(p))
@@ -120,7 +121,7 @@ async def _interpolate(s: Served, p: Payload):
     if not {"a", "b"} <= set(p.arrays):
         raise ApiError(400, f"interpolate: expected two arrays (or images) named a and b, got: {', '.join(p.arrays) or 'none'}")
     a, b = (s.rows(Payload({k: p.arrays[k]}), (k,), k) for k in ("a", "b"))
-    steps = p.params.get("steps", 8)
+    steps = p.params.get("steps", INTERPOLATE["steps"].default)
     if isinstance(steps, int) and steps * len(a) > s.config.max_rows:
         raise ApiError(413, f"{len(a)} pairs x {steps} steps; the limit is {s.config.max_rows} images (--max-rows)")
     images = await run_in_threadpool(s.model.interpolate, a, b, **_kwargs(p))
