@@ -44,7 +44,7 @@ need() {  # the files a step uses must exist (checked in the dry run too)
   done
 }
 
-need benchmarks/run.py "${cuda_tests[@]}" vaeinfer/models
+need benchmarks/speed/peers.py "${cuda_tests[@]}" vaeinfer/models
 if [ -n "$wheel" ]; then need "$wheel"; fi
 command -v timeout >/dev/null || { echo "gpu.sh: needs coreutils timeout"; exit 1; }
 if [ "$dry" = 0 ]; then
@@ -65,7 +65,7 @@ assert 'CUDAExecutionProvider' in p, p"
 step 120 "CUDA tests (IO binding, CUDA graphs, device='cuda' errors)" \
   bash -c "PYTHONPATH=\$PWD $venv/bin/python -m pytest -q -x -p no:cacheprovider -k 'cuda or binding or device' \
            ${cuda_tests[*]} 2>&1 | tee $results/gpu-tests.txt; exit \${PIPESTATUS[0]}"
-step 170 "python benchmarks/run.py --device cuda" \
-  bash -c "PYTHONPATH=\$PWD $venv/bin/python benchmarks/run.py --device cuda --no-coldstart --min-time 0.5 \
+step 170 "python -m benchmarks.speed.peers --device cuda" \
+  bash -c "PYTHONPATH=\$PWD $venv/bin/python -m benchmarks.speed.peers --device cuda --no-coldstart --min-time 0.5 \
            --note 'benchmarks/gpu.sh' > $results/gpu-run.md"
 echo "== done in $(( $(date +%s) - start ))s; results: $results/gpu.md $results/gpu.json $results/gpu-tests.txt"

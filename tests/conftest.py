@@ -25,19 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
-def load_benchmark(name: str):
-    """A script of benchmarks/ imported as a module (they are scripts, not a package), registered
-    in sys.modules under vaeinfer_<name> so that dataclasses and pickling inside it work."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(f"vaeinfer_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def blob_images(n: int, shape, seed: int = 0) -> np.ndarray:
     """uint8 (N, C, H, W) images with some structure (a bright blob at a random place)."""
     c, h, w = shape

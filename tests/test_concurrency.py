@@ -1,5 +1,5 @@
 """One loaded model shared by 16 threads: mixed calls give exactly the results of the same calls
-made one after another, with no error and no memory growth (the long run is benchmarks/soak.py,
+made one after another, with no error and no memory growth (the long run is benchmarks.stress.soak,
 its figures in benchmarks/results/soak.md)."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 import vaeinfer
-from tests.conftest import load_benchmark
+from benchmarks.stress import soak as soak_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def soak():
-    return load_benchmark("soak")
+    return soak_module
 
 
 @pytest.mark.parametrize("ort_threads", [1, 2])

@@ -1,4 +1,4 @@
-"""Fuzzing the bundle loader at a small size (the long run is benchmarks/fuzz.py; its figures are
+"""Fuzzing the bundle loader at a small size (the long run is benchmarks.stress.fuzz; its figures are
 in benchmarks/results/fuzz.md): mutated manifests and mutated/truncated graphs, re-signed,
 loaded with and without hash verification in worker processes, must each end in success or a
 typed vaeinfer error; a crash, a hang or another exception type fails the test."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import vaeinfer
-from tests.conftest import load_benchmark
+from benchmarks.stress import fuzz as fuzz_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [ROOT / "tests" / "data" / "fuzz-seeds" / name for name in ("vae", "vq")]
@@ -19,11 +19,11 @@ TYPED = {"ok", "BundleError", "InputError", "OutputError", "BackendError"}
 
 @pytest.fixture(scope="module")
 def fuzz():
-    return load_benchmark("fuzz")
+    return fuzz_module
 
 
 def test_seeds_are_valid_bundles(fuzz):
-    """The committed seeds (regenerate: python benchmarks/fuzz.py --write-seeds tests/data/fuzz-seeds) still load."""
+    """The committed seeds (regenerate: python -m benchmarks.stress.fuzz --write-seeds tests/data/fuzz-seeds) still load."""
     for seed in SEEDS:
         fuzz._exercise(vaeinfer.load(seed, device="cpu", threads=1))
 

@@ -15,7 +15,7 @@ def test_gpu_script_parses():
 def test_gpu_script_dry_run_prints_the_steps_within_8_minutes():
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for step in ("onnxruntime-gpu", "CUDAExecutionProvider", "tests/test_io_binding.py", "benchmarks/run.py --device cuda"):
+    for step in ("onnxruntime-gpu", "CUDAExecutionProvider", "tests/test_io_binding.py", "-m benchmarks.speed.peers --device cuda"):
         assert step in done.stdout, step
     limits = [int(line.split("(limit ")[1].split("s)")[0]) for line in done.stdout.splitlines() if "(limit " in line]
     assert len(limits) == 5 and sum(limits) < 8 * 60

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py --merge: parts run as separate processes become one results table."""
+"""benchmarks.evaluation.quality --merge: parts run as separate processes become one results table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import load_benchmark
+from benchmarks.evaluation import quality
 
 
 def _part(command, vae=None, samples=None, quick=False):
@@ -19,7 +19,6 @@ def _part(command, vae=None, samples=None, quick=False):
 
 
 def test_merge_combines_the_parts_of_one_model(tmp_path, monkeypatch):
-    quality = load_benchmark("quality")
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
     entry = {"images": 1000, "samples": 5000, "nll": 83.1, "neg_elbo": 88.0, "recon": 60.0, "nll_sem": 0.6}
     full = {**entry, "images": 10000, "samples": 500, "nll": 83.4, "nll_sem": 0.2}
@@ -33,9 +32,9 @@ def test_merge_combines_the_parts_of_one_model(tmp_path, monkeypatch):
     merged = quality.merge(list(parts))
     assert merged["vae"]["m"] == {"subset": entry, "full": full, "torch_check": check}  # None never overwrites
     assert merged["samples"]["m"]["T1"]["confident"] == 0.8 and merged["images"] == ["a.png"]
-    text = quality.markdown(merged)
+    text = "\n".join(quality.markdown(merged))
     assert "**83.10** ± 0.60 | K=5000, 1000 test images" in text and "**83.40** ± 0.20 | K=500, 10000" in text
-    assert "`python q.py --k-full 0` && `python q.py --k-subset 0`" in text and "| m | 1 | 0.800 | 0.990 |" in text
+    assert merged["command"].startswith("python q.py --k-full 0 && python q.py --k-subset 0") and "| m | 1 | 0.800 | 0.990 |" in text
     (tmp_path / "quick.json").write_text(json.dumps(_part("python q.py --quick", quick=True)))
     with pytest.raises(SystemExit, match="quick and full"):
         quality.merge(["k5000", "quick"])

@@ -1,7 +1,7 @@
 """The page of `vaeinfer serve` in headless Chromium (Debian's chromium driven by Playwright,
 never a downloaded browser): it samples a grid, follows a drag over the latent plane, and shows
 an uploaded digit's reconstruction, score and an interpolation to a second upload. Skips where
-/usr/bin/chromium or playwright is missing. benchmarks/serve_browser.py makes the committed
+/usr/bin/chromium or playwright is missing. benchmarks.stress.serve_browser makes the committed
 screenshot (benchmarks/results/serve-page.png) with the same steps."""
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import load_benchmark
+from benchmarks.stress import serve_browser as browser
 
 pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
-browser = load_benchmark("serve_browser")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.access(browser.CHROMIUM, os.X_OK), reason=f"no {browser.CHROMIUM}")]

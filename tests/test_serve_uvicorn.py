@@ -1,5 +1,5 @@
 """`vaeinfer serve` as a real uvicorn process on 127.0.0.1: a small version of the load test
-(benchmarks/serve_load.py: 32 clients, every response checked against the in-process result,
+(benchmarks.speed.serve_load: 32 clients, every response checked against the in-process result,
 with and without micro-batching) and graceful shutdown finishing the requests in flight."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import signal
 import numpy as np
 import pytest
 
-from tests.conftest import load_benchmark
+from benchmarks.speed import serve_load as load
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -19,7 +19,6 @@ import httpx  # noqa: E402
 
 import vaeinfer  # noqa: E402
 
-load = load_benchmark("serve_load")
 
 pytestmark = pytest.mark.slow
 

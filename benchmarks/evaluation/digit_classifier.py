@@ -1,6 +1,6 @@
 """A small digit classifier for judging samples: trained on the MNIST *training* set only, cached.
 
-    from benchmarks.digit_classifier import load_or_train, sample_quality
+    from benchmarks.evaluation.digit_classifier import load_or_train, sample_quality
     clf = load_or_train(data_dir)                   # trains once (~1 min), then loads from runs/
     sample_quality(clf, images)                     # {"confident": ..., "entropy": ...}
 
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "runs" / "digit-classifier"
 RECIPE = {"arch": "conv32-conv64-fc128", "epochs": 2, "batch_size": 128, "lr": 1e-3, "seed": 0, "held_out": 5000}
 CONFIDENT = 0.9

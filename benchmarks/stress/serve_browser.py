@@ -2,25 +2,27 @@
 Playwright; no browser download): sample a grid, drag the latent point, upload two images
 (reconstruction, score, interpolation), then a screenshot.
 
-    python benchmarks/serve_browser.py       # writes benchmarks/results/serve-page.png
+    python -m benchmarks.stress.serve_browser       # writes benchmarks/results/serve-page.png
 
 tests/test_serve_browser.py runs `drive` with its own checks.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness.cli import description
+from benchmarks.harness.report import RESULTS
+from benchmarks.speed.serve_load import free_port, start_server, stop_server
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import free_port, start_server, stop_server  # noqa: E402
 
 
 def digit_png(seed: int) -> bytes:
@@ -78,14 +80,15 @@ def drive(url: str, folder: Path, screenshot: Path | None = None) -> dict:
     return seen
 
 
-def main() -> int:
+def main(argv=None) -> int:
     import tempfile
 
+    argparse.ArgumentParser(description=description(__doc__)).parse_args(argv)
     port = free_port()
     proc = start_server(port, model="mnist-vae")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            out = ROOT / "benchmarks" / "results" / "serve-page.png"
+            out = RESULTS / "serve-page.png"
             seen = drive(f"http://127.0.0.1:{port}/", Path(tmp), out)
         print(seen, f"\nwrote {out}")
     finally:

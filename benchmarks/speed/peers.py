@@ -1,8 +1,8 @@
 """vaeinfer against its peers on this machine's CPU, in one process, on the same weights.
 
-    .venv/bin/python benchmarks/run.py                 # every bundled model, all cores
-    .venv/bin/python benchmarks/run.py --quick         # a smoke run: short timings, no cold start
-    .venv/bin/python benchmarks/run.py --device cuda [--cuda-graph]   # on a GPU (onnxruntime-gpu)
+    python -m benchmarks.speed.peers                 # every bundled model, all cores
+    python -m benchmarks.speed.peers --quick         # a smoke run: short timings, no cold start
+    python -m benchmarks.speed.peers --device cuda [--cuda-graph]   # on a GPU (onnxruntime-gpu)
     options: --threads N (default: all usable cores), --batches 1,8,64,256, --min-time SECONDS,
              --models a,b, --no-torch, --no-coldstart, --out DIR (default benchmarks/results)
 
@@ -25,7 +25,7 @@ fp32 peak: the best of a large matmul in onnxruntime (MLAS), PyTorch and numpy, 
 threads. FLOPs per image are PyTorch's FlopCounterMode count of the module (convolutions,
 matmuls; 2 per multiply-add). Precision variants that a bundle carries are timed against fp32.
 Also: `vaeinfer bench` of each model (latency percentiles, first call, memory), cold start of
-`vaeinfer sample -n 16` against `import torch`, and the installed size of both (coldstart.py).
+`vaeinfer sample -n 16` against `import torch`, and the installed size of both (speed/coldstart.py).
 """
 
 from __future__ import annotations
@@ -39,50 +39,23 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import onnxruntime as ort
 
-import onnxruntime as ort  # noqa: E402
+import vaeinfer
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description, int_list, name_list
+from benchmarks.harness.machine import cpu_seconds, others_since
+from benchmarks.harness.timing import interleaved, stats
+from benchmarks.speed import coldstart, vq_sampling
+from vaeinfer import bench as vbench
+from vaeinfer import likelihood as lik
+from vaeinfer.runtime import MODE_TRIAL_CALLS
+from vaeinfer.session import parse_device, providers_for, session_options
 
-import vaeinfer  # noqa: E402
-from vaeinfer import bench as vbench  # noqa: E402
-from vaeinfer import likelihood as lik  # noqa: E402
-from vaeinfer.runtime import MODE_TRIAL_CALLS  # noqa: E402
-from vaeinfer.session import parse_device, providers_for, session_options  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 BATCHES = (1, 8, 64, 256)
 PEAK_N = 2048
-
-
-# --- timing -----------------------------------------------------------------------------------
-
-def interleaved(fns: dict, min_time: float, rounds: int = 5) -> dict[str, np.ndarray]:
-    """Per-call seconds of each fn, measured in `rounds` interleaved blocks that together take
-    about `min_time` per fn."""
-    per_call = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        per_call[name] = max(time.perf_counter() - t0, 1e-7)
-    out = {name: [] for name in fns}
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = max(2, int(min_time / rounds / per_call[name]))
-            for _ in range(n):
-                t = clock()
-                fn()
-                out[name].append(clock() - t)
-    return {k: np.array(v) for k, v in out.items()}
-
-
-def stats(seconds: np.ndarray, batch: int) -> dict:
-    ms = seconds * 1e3
-    p50 = float(np.median(ms))
-    return {"p50_ms": p50, "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()),
-            "iterations": len(ms), "images_per_s": batch / p50 * 1e3}
 
 
 # --- the machine's peak -------------------------------------------------------------------------
@@ -134,26 +107,6 @@ def matmul_peak(threads: int, torch_mod=None, n: int = PEAK_N, device: str = "cp
     out["peak_gflops"] = max(v for k, v in out.items() if k != "n")
     out["peak_from"] = max((k for k in out if k not in ("n", "peak_gflops")), key=lambda k: out[k])
     return out
-
-
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall clock, CPU seconds all processes used, CPU seconds this process and its children used)."""
-    import resource
-
-    with open("/proc/stat") as f:
-        fields = [float(v) for v in f.readline().split()[1:]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    own = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for k in ("ru_utime", "ru_stime"))
-    return time.perf_counter(), busy, own
-
-
-def others_since(before) -> dict:
-    """How much CPU other processes took since `before` (a cpu_seconds() reading): the benchmark
-    is only as good as the machine was quiet."""
-    wall, busy, own = (b - a for a, b in zip(before, cpu_seconds()))
-    other = max(0.0, busy - own)
-    return {"wall_s": wall, "cpu_s": other, "cpu_fraction": other / (wall * (os.cpu_count() or 1))}
 
 
 # --- PyTorch side -------------------------------------------------------------------------------
@@ -311,8 +264,8 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
             time.sleep(0.2)
             for _ in range(MODE_TRIAL_CALLS + 2):
                 fns["vaeinfer"]()
-            seconds = interleaved(fns, min_time)
-            row = {"batch": b, **{k: stats(v, b) for k, v in seconds.items()}}
+            timings = interleaved(fns, min_time=min_time)
+            row = {"batch": b, **{k: stats(timings.seconds(k), b) for k in fns}}
             if flops:
                 for k in fns:
                     gflops = flops * b / (row[k]["p50_ms"] / 1e3) / 1e9
@@ -360,12 +313,11 @@ def bench_variants(m, name: str, threads: int, min_time: float, log, batches=(1,
                 else:
                     fns[p] = (lambda mm: lambda: mm.decode_params(x, batch_size=b))(model)
             log(f"  {name} variants {role} batch {b}")
-            seconds = interleaved(fns, min_time)
-            base = np.median(seconds["fp32"])
+            medians = interleaved(fns, min_time=min_time).medians
             for p in precisions:
                 slot = out.setdefault(p, {"speedup": {}, "error": entries.get(p, {}).get("error")})
-                slot["speedup"][f"{role}@{b}"] = float(base / np.median(seconds[p]))
-                slot["speedup"][f"{role}@{b}_p50_ms"] = float(np.median(seconds[p]) * 1e3)
+                slot["speedup"][f"{role}@{b}"] = medians["fp32"] / medians[p]
+                slot["speedup"][f"{role}@{b}_p50_ms"] = medians[p] * 1e3
     return out
 
 
@@ -451,15 +403,15 @@ def targets(models: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(report: dict) -> str:
+def title(report: dict) -> str:
+    return f"vaeinfer {'GPU' if report.get('device', 'cpu') != 'cpu' else 'CPU'} benchmark"
+
+
+def markdown(report: dict) -> list[str]:
+    """The report's Markdown below its header (harness.report writes the header)."""
     mach, peak = report["machine"], report["peak"]
     gpu = report.get("device", "cpu") != "cpu"
-    lines = [f"# vaeinfer {'GPU' if gpu else 'CPU'} benchmark", "",
-             f"Command: `{report['command']}`  ", f"Date: {mach['date']}  ",
-             f"Machine: {mach['cpu']}, {mach['cpus_usable']} usable cores ({', '.join(mach['isa'])}), "
-             f"{mach['memory_gb']} GB; {mach['os']}; Python {mach['python']}, onnxruntime {mach['onnxruntime']}, "
-             f"torch {report.get('torch_version') or '-'}, numpy {mach['numpy']}  ",
-             *([f"GPU: {mach.get('gpu') or 'unknown'} ({report['device']}, CUDA graphs "
+    lines = [*([f"GPU: {mach.get('gpu') or 'unknown'} ({report['device']}, CUDA graphs "
                 f"{'on' if report.get('cuda_graph') else 'off'})  "] if gpu else []),
              f"Threads: {report['threads']} (onnxruntime intra-op and torch)  ",
              f"fp32 matmul peak ({peak['n']}^3): {peak['peak_gflops']:.0f} GFLOP/s from {peak['peak_from']} "
@@ -527,7 +479,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("vq_sampling"):
         vq = report["vq_sampling"]
-        lines += ["## VQ sampling (benchmarks/vq_sampling.py)", "",
+        lines += ["## VQ sampling (benchmarks/speed/vq_sampling.py)", "",
                   f"`sample_codes(256)` of mnist-vqvae: cached loop {vq['in_process']['cached_s']:.3f} s, reference loop "
                   f"{vq['in_process']['reference_s']:.3f} s ({vq['in_process']['speedup']:.1f}x, goal >= 8x); same code at "
                   f"{vq['same_code_fraction']:.3%} of positions (goal >= 99.9%).", ""]
@@ -571,23 +523,23 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (onnxruntime-gpu)")
     ap.add_argument("--cuda-graph", action="store_true", help="CUDA: vaeinfer replays CUDA graphs for the batch sizes")
     ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
-    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--batches", type=int_list, default=list(BATCHES), help="comma-separated, e.g. 1,8,64,256")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per runner and batch")
-    ap.add_argument("--models", default=None, help="comma-separated; default: every bundled model")
+    ap.add_argument("--models", type=name_list, default=None, help="comma-separated; default: every bundled model")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-coldstart", action="store_true")
     ap.add_argument("--quick", action="store_true", help="short timings, no cold start (a smoke run)")
     ap.add_argument("--note", default=None, help="a line to print in the report (e.g. what else ran on the machine)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(results.RESULTS))
     args = ap.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     min_time = 0.2 if args.quick else args.min_time
-    names = args.models.split(",") if args.models else vaeinfer.available_models()
+    names = args.models or vaeinfer.available_models()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -605,10 +557,9 @@ def main(argv=None) -> dict:
                  f"({ort.get_available_providers()}); install onnxruntime-gpu (and no onnxruntime)")
     log(f"peak: {PEAK_N}^3 fp32 matmul on {args.device}, {threads} threads")
     peak = matmul_peak(threads, torch_mod, device=args.device)
-    report = {"command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-              "device": args.device, "cuda_graph": args.cuda_graph,
+    report = {**results.provenance(__spec__.name, argv), "device": args.device, "cuda_graph": args.cuda_graph,
               "threads": threads, "batches": batches, "min_time_s": min_time, "note": args.note,
-              "machine": vbench.machine(), "torch_version": None if torch_mod is None else torch_mod.__version__,
+              "torch_version": None if torch_mod is None else torch_mod.__version__,
               "peak": peak, "models": []}
     for name in names:
         log(f"model {name}")
@@ -622,23 +573,15 @@ def main(argv=None) -> dict:
     report["overhead"] = overhead_rows(report["models"])
     if "mnist-vqvae" in names and stem == "cpu":
         log("VQ sampling: cached vs reference prior loop")
-        sys.path.insert(0, str(Path(__file__).parent))
-        import vq_sampling
-
         report["vq_sampling"] = vq_sampling.measure("mnist-vqvae", 256, 1 if args.quick else 3, processes=False)
     report["targets"] = targets(report["models"])
     if not args.no_coldstart and not args.quick and stem == "cpu":
         log("cold start and installed size")
-        sys.path.insert(0, str(Path(__file__).parent))
-        import coldstart
-
         report["coldstart"] = {"cold_start": coldstart.cold_start(threads=threads),
                                "installed_size": coldstart.installed_size()}
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report) + "\n")
+    results.write(stem, title(report), report, markdown(report), out)
     plot(report, out / f"{stem}.png")
     log(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}")
-    print(markdown(report))
     return report
 
 

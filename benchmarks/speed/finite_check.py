@@ -1,6 +1,6 @@
 """What the NaN/Inf check of every graph output costs, at batch 256 on the bundled model.
 
-    python benchmarks/finite_check.py            # writes benchmarks/results/finite_check.{json,md}
+    python -m benchmarks.speed.finite_check      # writes benchmarks/results/finite_check.{json,md}
 
 For each graph: the median time of onnxruntime's `session.run` alone, of `check_finite` on its
 float outputs, and of the runtime's whole `Graph.run` (run + shape check + finite check). The
@@ -13,40 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description
+from benchmarks.harness.timing import interleaved
+
 LIMIT = 0.02
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default="mnist-vae")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: per core)")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--note", default="", help="a line on the conditions (e.g. a shared machine), for the report")
-    args = ap.parse_args()
-
-    import onnxruntime
+    args = ap.parse_args(argv)
 
     import vaeinfer
     from vaeinfer.errors import OutputError
@@ -64,12 +50,10 @@ def main() -> None:
             outs = graph.session.run(names, feeds)
             graph.run(feeds)
         # interleaved, so that a change of machine load affects all three alike
-        run_t, check_t, whole_t = [], [], []
-        for _ in range(args.repeats):
-            run_t.append(_median(lambda: graph.session.run(names, feeds), 1))
-            check_t.append(_median(lambda: [check_finite(outs[i], role) for i in floats], 5))
-            whole_t.append(_median(lambda: graph.run(feeds), 1))
-        run_s, check_s, whole_s = (statistics.median(t) for t in (run_t, check_t, whole_t))
+        medians = interleaved({"run": lambda: graph.session.run(names, feeds),
+                               "check": lambda: [check_finite(outs[i], role) for i in floats],
+                               "whole": lambda: graph.run(feeds)}, args.repeats, calls=1, warmup=0).medians
+        run_s, check_s, whole_s = medians["run"], medians["check"], medians["whole"]
         bad = [o.copy() for o in outs]
         for i in floats:
             bad[i].flat[len(bad[i].flat) // 2] = np.nan
@@ -81,27 +65,20 @@ def main() -> None:
                 except OutputError:
                     pass
 
-        slow_s = _median(slow, args.repeats)
+        slow_s = interleaved({"slow": slow}, args.repeats, calls=1, warmup=0).medians["slow"]
         rows[role] = {"batch": args.batch, "float_values_checked": int(sum(outs[i].size for i in floats)),
                       "session_run_ms": round(run_s * 1e3, 4), "check_finite_ms": round(check_s * 1e3, 4),
                       "graph_run_ms": round(whole_s * 1e3, 4), "check_cost": round(check_s / run_s, 5),
                       "nan_path_ms": round(slow_s * 1e3, 4)}
         print(role, rows[role], file=sys.stderr)
     worst = max(r["check_cost"] for r in rows.values())
-    result = {"model": model.info.name, "threads": args.threads, "repeats": args.repeats, "graphs": rows,
-              "worst_check_cost": worst, "limit": LIMIT, "passed": worst < LIMIT, "note": args.note,
-              "command": " ".join(["python benchmarks/finite_check.py", *(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                  vars(args).items() if k in ("model", "batch", "repeats", "threads") and v is not None)]),
-              "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    print(json.dumps(result, indent=2))
+    result = {**results.provenance(__spec__.name, argv), "model": model.info.name, "threads": args.threads,
+              "repeats": args.repeats, "graphs": rows, "worst_check_cost": worst, "limit": LIMIT, "passed": worst < LIMIT,
+              "note": args.note}
     if args.no_report:
-        return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finite_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Cost of the NaN/Inf check on outputs", "",
-             f"`{result['command'].strip()}`: {result['model']} on CPU, onnxruntime {result['onnxruntime']}, "
-             f"numpy {result['numpy']}, {result['machine']}; medians of {args.repeats} runs.", "",
+        print(json.dumps(result, indent=2))
+        return result
+    lines = [f"{result['model']} on CPU; medians of {args.repeats} interleaved runs.", "",
              "| graph | batch | values checked | session.run | check_finite | cost | Graph.run (all) | check with a NaN |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for role, r in rows.items():
@@ -111,7 +88,8 @@ def main() -> None:
     lines += ["", f"Worst cost {worst:.3%} of the run (limit {LIMIT:.0%}): **{'pass' if result['passed'] else 'FAIL'}**."]
     if args.note:
         lines += ["", args.note]
-    (RESULTS / "finite_check.md").write_text("\n".join(lines) + "\n")
+    results.write("finite_check", "Cost of the NaN/Inf check on outputs", result, lines)
+    return result
 
 
 if __name__ == "__main__":

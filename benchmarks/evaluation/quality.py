@@ -1,7 +1,7 @@
 """Model quality against the papers, measured through the exported graphs.
 
-    python benchmarks/quality.py                      # the full protocol (about an hour on 2 cores)
-    python benchmarks/quality.py --quick              # a smoke run: small subsets, small K
+    python -m benchmarks.evaluation.quality           # the full protocol (about an hour on 2 cores)
+    python -m benchmarks.evaluation.quality --quick   # a smoke run: small subsets, small K
 
 Protocol (MNIST, binarized): models train on dynamically binarized training images; evaluation
 uses ONE fixed binarization of the official 10k test set (numpy seed 0). Test NLL is the IWAE
@@ -11,7 +11,7 @@ PyTorch-side estimate from the training checkpoint, with the same noise, checks 
 The test set is used for these numbers only; nothing is tuned on it.
 
 Sample quality: a small CNN digit classifier trained by this benchmark on the MNIST training set
-(never the test set; cached under runs/digit-classifier/, see benchmarks/digit_classifier.py)
+(never the test set; cached under runs/digit-classifier/, see benchmarks/evaluation/digit_classifier.py)
 labels 1,000 samples (seed 0) per model at each temperature: the share classified with
 probability >= 0.9, and the entropy of the predicted-class histogram over log(10) (1: all ten
 digits equally often). The real test digits are the reference row.
@@ -20,28 +20,26 @@ Writes benchmarks/results/quality.json, quality.md and sample grids in benchmark
 The parts can run as separate processes (one core each, e.g. --k-full 0 in one, --k-subset 0 in
 another, --stem to keep them apart) and be merged afterwards:
 
-    python benchmarks/quality.py --merge quality-k5000,quality-k500,quality-samples
+    python -m benchmarks.evaluation.quality --merge quality-k5000,quality-k500,quality-samples
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import vaeinfer
+from benchmarks.harness import report
+from benchmarks.harness.cli import description
+from vaeinfer.images import save_grid
 
-import vaeinfer  # noqa: E402
-from benchmarks.results_io import machine  # noqa: E402
-from vaeinfer.images import save_grid  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = report.RESULTS
+TITLE = "Model quality (MNIST, binarized test set)"
 REFERENCES = [
     ("VAE, Burda et al. 2015 Table 1 (784-200-200-50, 1 stochastic layer, 3280 epochs)", 86.76),
     ("IWAE k=50, same table", 84.78),
@@ -134,7 +132,7 @@ def sample_grids(model, out_dir: Path, temperatures: list[float]) -> list[str]:
 
 
 def sample_quality_rows(classifier, model, temperatures: list[float], n: int) -> dict:
-    from benchmarks.digit_classifier import sample_quality
+    from benchmarks.evaluation.digit_classifier import sample_quality
 
     return {f"T{t:g}": sample_quality(classifier, model.sample(n, seed=0, temperature=t, batch_size=500))
             for t in temperatures}
@@ -159,11 +157,8 @@ def merge(stems: list[str]) -> dict:
     return out
 
 
-def markdown(results: dict) -> str:
-    command = " && ".join(f"`{c}`" for c in results["command"].split(" && "))
-    lines = [f"# Model quality (MNIST, binarized test set)", "",
-             f"Command: {command}  ", f"Machine: {results['machine']}; {results['date']}", "",
-             "| model | test NLL (nats) | protocol |", "| --- | --- | --- |"]
+def markdown(results: dict) -> list[str]:
+    lines = ["| model | test NLL (nats) | protocol |", "| --- | --- | --- |"]
     for ref, nll in REFERENCES:
         lines.append(f"| {ref} | {nll:.2f} | paper |")
     for name, r in results["vae"].items():
@@ -191,11 +186,11 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | {'-' if t == 'Treal' else t[1:]} | {r['confident']:.3f} | {r['entropy']:.3f} |")
     lines += ["", "Sample grids (seed 0) and interpolations: " + ", ".join(
         f"[{p}](quality/{p})" for p in results["images"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "mnist"))
     parser.add_argument("--models", default=",".join(vaeinfer.available_models()),
                         help="bundled model names or bundle paths, comma-separated")
@@ -209,20 +204,17 @@ def main():
     parser.add_argument("--sample-count", type=int, default=1000, help="samples per model for the digit classifier (0: no sample-quality rows)")
     parser.add_argument("--merge", default=None, help="comma-separated result stems of parts run separately: "
                                                       "write their union as <stem>.json/.md and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.merge:
         results = merge([s for s in args.merge.split(",") if s])
-        (RESULTS / f"{args.stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-        (RESULTS / f"{args.stem}.md").write_text(markdown(results))
-        print(markdown(results))
+        report.write(args.stem, TITLE, results, markdown(results), RESULTS)
         return
 
     test, test_bin, labels = load_test(Path(args.data))
-    results = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine(), "quick": args.quick,
+    results = {**report.provenance(__spec__.name, argv), "quick": args.quick,
                "protocol": __doc__.split("Protocol")[1].split("Writes")[0].strip(), "references": REFERENCES,
                "vae": {}, "vq": {}, "images": [], "sample_count": args.sample_count}
-    from benchmarks.digit_classifier import load_or_train, sample_quality
+    from benchmarks.evaluation.digit_classifier import load_or_train, sample_quality  # torch: only when run
 
     classifier = None
     if args.sample_count:  # 0: skip the sample-quality rows
@@ -242,10 +234,7 @@ def main():
                 results["samples"][model.info.name] = sample_quality_rows(classifier, model, temperatures,
                                                                          args.sample_count)
                 print(f"  samples: {results['samples'][model.info.name]}", flush=True)
-    stem = args.stem + ("-quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(results))
-    print(markdown(results))
+    report.write(args.stem + ("-quick" if args.quick else ""), TITLE, results, markdown(results), RESULTS)
 
 
 if __name__ == "__main__":

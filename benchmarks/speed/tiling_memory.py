@@ -1,7 +1,7 @@
 """Peak memory of tiled against untiled decoding, by image size, for a spatial ONNX decoder.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/tiling_memory.py                  # synthetic decoder
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/tiling_memory.py decoder.onnx --latent-channels 4 \
+    python -m benchmarks.speed.tiling_memory --out tiling_memory     # synthetic decoder
+    python -m benchmarks.speed.tiling_memory decoder.onnx --latent-channels 4 \
         --factor 8 --sizes 256 512 1024 --tile 32 --overlap 8
 
 The decoder is any ONNX graph z (N, c, h, w) -> image (N, C, f h, f w) with dynamic h and w
@@ -11,10 +11,10 @@ nearest upsampling + 3x3 convs, random weights), small enough to build in second
 
 Each (size, mode) runs in a fresh process (numpy + onnxruntime + vaeinfer.tiling only, no torch)
 that loads the decoder, decodes one random latent of size/f, and reports its peak resident set
-size (VmHWM of /proc/self/status, which starts anew at exec, unlike ru_maxrss) before and after
+size (harness.memory: VmHWM, which starts anew at exec, unlike ru_maxrss) before and after
 the decode. Tiled decoding should stay at (after load) + output + one tile's activations
 whatever the size; untiled decoding grows with the image area times the widest activations.
-Prints a JSON report and a markdown table; --out writes both (.json, .md).
+Prints the markdown table; --out STEM writes benchmarks/results/STEM.json and STEM.md.
 """
 
 from __future__ import annotations
@@ -22,20 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def vm_hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from benchmarks.harness import memory
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description
 
 
 def child(decoder: str, size: int, factor: int, channels: int, tile: int, overlap: int, threads: int) -> None:
@@ -50,7 +44,7 @@ def child(decoder: str, size: int, factor: int, channels: int, tile: int, overla
     session = ort.InferenceSession(decoder, opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     z = np.random.default_rng(0).standard_normal((1, channels, size // factor, size // factor), dtype=np.float32)
-    after_load = vm_hwm_mib()
+    after_load = memory.peak_rss_mib()
 
     def run(a):
         return session.run(None, {name: a})[0]
@@ -62,7 +56,7 @@ def child(decoder: str, size: int, factor: int, channels: int, tile: int, overla
     else:
         out, tiles = run(z), 1
     print(json.dumps({"size": size, "tile": tile or None, "tiles": tiles, "seconds": time.perf_counter() - t0,
-                      "peak_rss_mib": vm_hwm_mib(), "after_load_mib": after_load,
+                      "peak_rss_mib": memory.peak_rss_mib(), "after_load_mib": after_load,
                       "output_mib": out.nbytes / 2 ** 20}))
 
 
@@ -90,21 +84,19 @@ def measure(decoder: str, sizes, factor: int, channels: int, tile: int, overlap:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for size in sizes:
         for t in (0, tile):
-            cmd = [sys.executable, __file__, "--child", decoder, str(size), str(factor), str(channels), str(t),
-                   str(overlap), str(threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                rows.append({"size": size, "tile": t or None, "error": r.stderr.strip().splitlines()[-1:]})
+            args = ["--child", decoder, *map(str, (size, factor, channels, t, overlap, threads))]
+            run = memory.fresh_process(__spec__.name, args, env=env)
+            if run["returncode"] != 0:
+                rows.append({"size": size, "tile": t or None, "error": run["stderr"].strip().splitlines()[-1:]})
             else:
-                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                rows.append(memory.last_json_line(run))
             print(rows[-1], file=sys.stderr)
     return rows
 
 
-def table(report: dict) -> str:
+def table(report: dict) -> list[str]:
     lines = [f"Decoder: {report['decoder']} (factor {report['factor']}, tile {report['tile']} latent px, overlap "
-             f"{report['overlap']}); {report['machine']}; {report['threads']} thread(s).", "",
-             f"Command: `{report['command']}`", "",
+             f"{report['overlap']}); {report['threads']} thread(s).", "",
              "| image | mode | tiles | peak RSS MiB | after load MiB | output MiB | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -114,15 +106,19 @@ def table(report: dict) -> str:
         else:
             lines.append(f"| {r['size']}x{r['size']} | {mode} | {r['tiles']} | {r['peak_rss_mib']:.0f} | "
                          f"{r['after_load_mib']:.0f} | {r['output_mib']:.1f} | {r['seconds']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        d, size, factor, channels, tile, overlap, threads = sys.argv[2:9]
+TITLE = "Peak memory of tiled against untiled decoding"
+
+
+def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        d, size, factor, channels, tile, overlap, threads = argv[1:8]
         child(d, int(size), int(factor), int(channels), int(tile), int(overlap), int(threads))
-        return
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        return None
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("decoder", nargs="?", help="an ONNX decoder with dynamic h, w (default: a synthetic one)")
     ap.add_argument("--latent-channels", type=int, default=4)
     ap.add_argument("--factor", type=int, default=8, help="upsampling factor of the decoder")
@@ -130,20 +126,19 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=32, help="tile size in latent pixels")
     ap.add_argument("--overlap", type=int, default=8, help="overlap in latent pixels")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="write OUT.json and OUT.md")
-    args = ap.parse_args()
+    ap.add_argument("--out", metavar="STEM", help="write benchmarks/results/STEM.json and STEM.md")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         decoder = args.decoder or str(synthetic_decoder(Path(tmp) / "decoder.onnx", args.latent_channels))
         rows = measure(decoder, args.sizes, args.factor, args.latent_channels, args.tile, args.overlap, args.threads)
-    report = {"decoder": args.decoder or "synthetic 8x conv decoder (128-64-32 channels)", "factor": args.factor,
-              "tile": args.tile, "overlap": args.overlap, "threads": args.threads,
-              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
-              "command": "python benchmarks/tiling_memory.py " + " ".join(sys.argv[1:]), "rows": rows}
-    print(json.dumps(report, indent=1))
-    print(table(report))
+    report = {**results.provenance(__spec__.name, argv),
+              "decoder": args.decoder or "synthetic 8x conv decoder (128-64-32 channels)", "factor": args.factor,
+              "tile": args.tile, "overlap": args.overlap, "threads": args.threads, "rows": rows}
     if args.out:
-        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        Path(args.out).with_suffix(".md").write_text(table(report))
+        results.write(args.out, TITLE, report, table(report))
+    else:
+        print("\n".join([*results.header(TITLE, report), *table(report)]))
+    return report
 
 
 if __name__ == "__main__":

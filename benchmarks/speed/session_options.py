@@ -1,6 +1,6 @@
 """Which onnxruntime session options run the bundled graphs fastest on this CPU.
 
-    .venv/bin/python benchmarks/session_options.py [--threads N] [--min-time S]
+    python -m benchmarks.speed.session_options [--threads N] [--min-time S]
 
 Times each bundled model's encoder and decoder at batch 1 and 256 under vaeinfer's session
 options (vaeinfer.session.session_options) and under one change at a time, interleaved in blocks
@@ -11,22 +11,17 @@ benchmarks/results/session_options.{json,md}; vaeinfer's choices in session.py f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).parent))
-
-import vaeinfer  # noqa: E402
-from run import inputs_for, interleaved  # noqa: E402
-from vaeinfer.bench import machine  # noqa: E402
-from vaeinfer.session import session_options  # noqa: E402
+import vaeinfer
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description, int_list
+from benchmarks.harness.timing import interleaved
+from vaeinfer.bench import graph_inputs
+from vaeinfer.session import session_options
 
 
 def variants(threads: int) -> dict:
@@ -56,15 +51,26 @@ def variants(threads: int) -> dict:
     return out
 
 
+def markdown(report: dict) -> list[str]:
+    rows = report["rows"]
+    names = [k for k in rows[0] if k not in ("model", "graph", "batch")]
+    lines = [f"{report['threads']} threads, onnxruntime {ort.__version__}.", "",
+             "Median latency (ms); in brackets the speed-up over vaeinfer's options (> 1: the change is faster).", "",
+             "| model | graph | batch | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r[n]['p50_ms']:.3f}" + ("" if n == "vaeinfer" else f" ({r[n]['speedup']:.2f})") for n in names]
+        lines.append(f"| {r['model']} | {r['graph']} | {r['batch']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--min-time", type=float, default=2.0)
-    ap.add_argument("--batches", default="1,256")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per variant, graph and batch")
+    ap.add_argument("--batches", type=int_list, default=[1, 256])
+    ap.add_argument("--out", default=str(results.RESULTS))
     args = ap.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in vaeinfer.available_models():
         m = vaeinfer.load(name, device="cpu", threads=threads)
@@ -72,31 +78,15 @@ def main(argv=None) -> dict:
             data = m.bundle.read_graph(role)
             sessions = {k: ort.InferenceSession(data, o, providers=["CPUExecutionProvider"])
                         for k, o in variants(threads).items()}
-            for b in batches:
-                x = inputs_for(m, role, b)
+            for b in args.batches:
+                x = graph_inputs(m, role, b)[0]
                 fns = {k: (lambda s: lambda: s.run(None, {s.get_inputs()[0].name: x}))(s) for k, s in sessions.items()}
                 print(f"{name} {role} batch {b}", file=sys.stderr, flush=True)
-                t = interleaved(fns, args.min_time)
-                base = float(np.median(t["vaeinfer"]))
+                medians = interleaved(fns, min_time=args.min_time).medians
                 rows.append({"model": name, "graph": role, "batch": b,
-                             **{k: {"p50_ms": float(np.median(v)) * 1e3, "speedup": base / float(np.median(v))}
-                                for k, v in t.items()}})
-    report = {"command": " ".join(["python", "benchmarks/session_options.py", *(argv or sys.argv[1:])]),
-              "threads": threads, "machine": machine(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "session_options.json").write_text(json.dumps(report, indent=2) + "\n")
-    names = [k for k in rows[0] if k not in ("model", "graph", "batch")]
-    lines = ["# onnxruntime session options", "",
-             f"`{report['command']}` on {report['machine']['cpu']}, {threads} threads, onnxruntime "
-             f"{report['machine']['onnxruntime']}, {report['machine']['date']}.", "",
-             "Median latency (ms); in brackets the speed-up over vaeinfer's options (> 1: the change is faster).", "",
-             "| model | graph | batch | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    for r in rows:
-        cells = [f"{r[n]['p50_ms']:.3f}" + ("" if n == "vaeinfer" else f" ({r[n]['speedup']:.2f})") for n in names]
-        lines.append(f"| {r['model']} | {r['graph']} | {r['batch']} | " + " | ".join(cells) + " |")
-    (out / "session_options.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                             **{k: {"p50_ms": v * 1e3, "speedup": medians["vaeinfer"] / v} for k, v in medians.items()}})
+    report = {**results.provenance(__spec__.name, argv), "threads": threads, "rows": rows}
+    results.write("session_options", "onnxruntime session options", report, markdown(report), args.out)
     return report
 
 

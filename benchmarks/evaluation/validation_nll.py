@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Model selection without the test set: the IWAE bound of training runs on their own validation split.
 
 Each run's checkpoint names its data, validation fraction and seed, so the held-out images are
@@ -6,7 +5,7 @@ exactly the ones that run never trained on. They get one fixed binarization (see
 same importance noise for every run (training.evaluate.iwae_score, float32 PyTorch), so two
 runs trained from the same data are compared on identical inputs.
 
-    python benchmarks/validation_nll.py runs/vamp-elbo runs/vamp-iwae5 --images 1000 --samples 100 \
+    python -m benchmarks.evaluation.validation_nll runs/vamp-elbo runs/vamp-iwae5 --images 1000 --samples 100 \
         --stem validation-nll
 
 With --stem the rows also go to benchmarks/results/<stem>.json and .md, with the machine and command.
@@ -16,21 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import report
+from benchmarks.harness.cli import description
+from vaeinfer.training import checkpoint
+from vaeinfer.training.data import load_data, split
+from vaeinfer.training.evaluate import binarize, iwae_score
+from vaeinfer.training.likelihood import Likelihood
+from vaeinfer.training.models import build_model
 
-from benchmarks.results_io import header, provenance, write_results  # noqa: E402
-from vaeinfer.training import checkpoint  # noqa: E402
-from vaeinfer.training.data import load_data, split  # noqa: E402
-from vaeinfer.training.evaluate import binarize, iwae_score  # noqa: E402
-from vaeinfer.training.likelihood import Likelihood  # noqa: E402
-from vaeinfer.training.models import build_model  # noqa: E402
+TITLE = "Validation NLL (IWAE bound on each run's own validation split; model selection, not the test set)"
 
 
 def validation_images(config: dict, count: int) -> np.ndarray:
@@ -53,31 +51,31 @@ def score_run(run: str, count: int, samples: int) -> dict:
             "neg_elbo": float(s["elbo"].mean()), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("runs", nargs="+", help="run folders or checkpoint JSON files")
     parser.add_argument("--images", type=int, default=1000, help="the first N validation images")
     parser.add_argument("--samples", type=int, default=200, help="importance samples K")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stem", default=None, help="also write benchmarks/results/<stem>.json and .md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for run in args.runs:
         rows.append(score_run(run, args.images, args.samples))
         print(json.dumps(rows[-1]), flush=True)
     if args.stem:
-        report = {**provenance(sys.argv), "runs": rows}
-        write_results(Path(__file__).parent / "results", args.stem, report, markdown(report))
+        results = {**report.provenance(__spec__.name, argv), "runs": rows}
+        report.write(args.stem, TITLE, results, markdown(results))
+    return rows
 
 
-def markdown(report: dict) -> str:
-    lines = [*header("Validation NLL (IWAE bound on each run's own validation split; model selection, not the test set)", report),
-             "| run | step | images | K | NLL (nats) | -ELBO (nats) |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in report["runs"]:
+def markdown(results: dict) -> list[str]:
+    lines = ["| run | step | images | K | NLL (nats) | -ELBO (nats) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results["runs"]:
         lines.append(f"| {r['run']} | {r['step']} | {r['images']} | {r['samples']} | "
                      f"{r['nll']:.2f} ± {r['nll_sem']:.2f} | {r['neg_elbo']:.2f} |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

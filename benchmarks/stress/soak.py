@@ -1,7 +1,7 @@
 """Soak: one loaded model shared by many threads, thousands of mixed calls.
 
-    python benchmarks/soak.py --calls 20000         # bundled mnist-vae, 16 threads (+ a 5000-call warm-up)
-    python benchmarks/soak.py --calls 4000 --model PATH
+    python -m benchmarks.stress.soak --calls 20000         # bundled mnist-vae, 16 threads (+ a 5000-call warm-up)
+    python -m benchmarks.stress.soak --calls 4000 --model PATH
 
 Every call (sample / encode / decode / reconstruct / score / interpolate on a VAE; encode /
 decode / sample / prior_nll on a VQ-VAE, with varying batch sizes and seeds) is drawn from a
@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import report
+from benchmarks.harness.cli import description
 MAX_GROWTH = 0.10
 
 
@@ -173,8 +171,8 @@ def soak(model, calls: list[tuple], total: int, threads: int = 16, seed: int = 0
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default="mnist-vae")
     ap.add_argument("--calls", type=int, default=4000)
     ap.add_argument("--distinct", type=int, default=200)
@@ -183,7 +181,7 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=None, help="onnxruntime intra-op threads (default: per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-report", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import onnxruntime
 
@@ -192,21 +190,17 @@ def main() -> None:
     model = vaeinfer.load(args.model, device="cpu", threads=args.ort_threads)
     calls = make_calls(model, args.distinct, args.seed)
     result = soak(model, calls, args.calls, args.threads, args.seed, args.warmup, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = {**report.provenance(__spec__.name, argv), **result}
     result.update(model=model.info.name, ort_threads=args.ort_threads, seed=args.seed,
-                  command="python benchmarks/soak.py " + " ".join(sys.argv[1:]),
                   passed=result["mismatches"] == 0 and not result["errors"] and result["warmup_problems"] == 0
                   and result["rss_growth"] <= MAX_GROWTH,
-                  vaeinfer=vaeinfer.__version__, onnxruntime=onnxruntime.__version__, python=platform.python_version(),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores", threads_in_use=threading.active_count())
-    print(json.dumps(result, indent=2))
+                  vaeinfer=vaeinfer.__version__, onnxruntime=onnxruntime.__version__,
+                  threads_in_use=threading.active_count())
     if args.no_report:
-        return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return result
     lines = [
-        "# Soak: one model, many threads", "",
-        f"`{result['command'].strip()}`: {result['model']} on CPU (onnxruntime {result['onnxruntime']}, "
-        f"Python {result['python']}, {result['machine']}).", "",
+        f"{result['model']} on CPU (onnxruntime {result['onnxruntime']}).", "",
         "| calls | distinct calls | threads | errors | results differing from sequential | RSS after warm-up | RSS at end | growth | calls/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['calls']} | {result['distinct_calls']} | {result['threads']} | {sum(result['errors'].values())} | "
@@ -219,7 +213,8 @@ def main() -> None:
         f"Mix of calls: {result['mix']}. RSS over the measured run (MiB): {result['rss_samples_mib']}.",
         f"Pass (no error, identical results, RSS growth <= {MAX_GROWTH:.0%}): **{result['passed']}**.",
     ]
-    (RESULTS / "soak.md").write_text("\n".join(lines) + "\n")
+    report.write("soak", "Soak: one model, many threads", result, lines)
+    return result
 
 
 if __name__ == "__main__":

@@ -7,23 +7,21 @@ hits both), in blocks; each runner's figure is the median over blocks of its per
 overhead the median of the per-block differences, over all blocks and over the quietest quarter
 (the blocks where session.run ran fastest; the target is judged on these). Writes benchmarks/results/overhead.{json,md}.
 
-    python benchmarks/overhead.py [--blocks 200] [--calls 50]
+    python -m benchmarks.speed.overhead [--blocks 200] [--calls 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import vaeinfer
-from vaeinfer import bench as vbench
-
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description
+from benchmarks.harness.timing import interleaved
 
 
 def sigmoid(p):
@@ -50,52 +48,36 @@ def runners(m) -> dict:
     }
 
 
-def interleaved(a, b, blocks: int, calls: int) -> tuple[float, float, float, float]:
-    """(a's, b's, a - b's) median over blocks of the per-call median, in seconds, and a - b's
-    median over the quietest quarter of the blocks (those where b ran fastest). The two are
-    interleaved call by call, in alternating order, so that load on the machine hits both alike;
-    medians, not means, so that a call preempted by another process does not count; the quiet
-    blocks because on a loaded machine every instruction, vaeinfer's included, runs slower."""
-    for _ in range(200):
-        a(), b()
-    clock = time.perf_counter_ns
-    ta, tb = np.empty((blocks, calls)), np.empty((blocks, calls))
-    for k in range(blocks):
-        for i in range(calls):
-            first, second = (a, b) if i & 1 else (b, a)
-            t0 = clock()
-            first()
-            t1 = clock()
-            second()
-            t2 = clock()
-            ta[k, i], tb[k, i] = (t1 - t0, t2 - t1) if i & 1 else (t2 - t1, t1 - t0)
-    ma, mb = np.median(ta, axis=1) * 1e-9, np.median(tb, axis=1) * 1e-9
+def overhead(api, raw, blocks: int, calls: int) -> tuple[float, float, float, float]:
+    """(api's, raw's, api - raw's) median over blocks of the per-call median, in seconds, and
+    api - raw's median over the quietest quarter of the blocks (those where raw ran fastest). The
+    two take turns call by call (harness.timing.interleaved, alternate_calls), so that load on the
+    machine hits both alike; medians, not means, so that a call preempted by another process does
+    not count; the quiet blocks because on a loaded machine every instruction, vaeinfer's
+    included, runs slower."""
+    t = interleaved({"api": api, "raw": raw}, blocks, calls=calls, warmup=200, alternate_calls=True)
+    ma, mb = t.round_medians("api"), t.round_medians("raw")
     quiet = np.argsort(mb)[:max(1, blocks // 4)]
     return float(np.median(ma)), float(np.median(mb)), float(np.median(ma - mb)), float(np.median((ma - mb)[quiet]))
 
 
-def measure(blocks: int, calls: int, models=None, threads: int | None = None) -> dict:
+def measure(blocks: int, calls: int, models=None, threads: int | None = None) -> list[dict]:
     rows = []
     for name in models or vaeinfer.available_models():
         m = vaeinfer.load(name, device="cpu", threads=threads)
         for op, (api, raw) in runners(m).items():
-            v, o, d, q = interleaved(api, raw, blocks, calls)
+            v, o, d, q = overhead(api, raw, blocks, calls)
             limit = max(10e-6, 0.05 * o)
             rows.append({"model": name, "op": op, "vaeinfer_us": v * 1e6, "session_run_us": o * 1e6,
                          "overhead_us": d * 1e6, "overhead_quiet_us": q * 1e6, "overhead_pct": d / o * 100,
                          "limit_us": limit * 1e6, "met": q <= limit, "met_all_blocks": d <= limit})
             print(f"{name} {op}: vaeinfer {v * 1e6:.1f} us, session.run {o * 1e6:.1f} us, "
                   f"overhead {d * 1e6:+.1f} us (quiet blocks {q * 1e6:+.1f} us)", file=sys.stderr, flush=True)
-    return {"command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]), "machine": vbench.machine(),
-            "onnxruntime_version": ort.__version__, "threads": threads, "blocks": blocks, "calls_per_block": calls, "rows": rows,
-            "met": all(r["met"] for r in rows)}
+    return rows
 
 
-def markdown(r: dict) -> str:
-    mach = r["machine"]
-    lines = [f"# Per-call overhead at batch 1 (onnxruntime {r['onnxruntime_version']})", "",
-             f"Command: `{r['command']}`  ", f"Machine: {mach.get('cpu')}, {mach.get('cpus_usable')} usable CPUs, "
-             f"{mach.get('date')}, onnxruntime threads: {r['threads'] or 'default'}", "",
+def markdown(r: dict) -> list[str]:
+    lines = [f"onnxruntime threads: {r['threads'] or 'default'}", "",
              "vaeinfer's `encode(x)` / `decode(z)` against `session.run` on the same session plus the same host "
              "transform, interleaved call by call; overhead: the median over blocks of the per-block difference of the "
              "per-call medians; target <= max(10 us, 5 %), judged on the quietest quarter of the blocks (those "
@@ -108,21 +90,22 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['model']} | {x['op']} | {x['vaeinfer_us']:.1f} | {x['session_run_us']:.1f} | "
                      f"{x['overhead_quiet_us']:+.1f} | {x['overhead_us']:+.1f} | {x['overhead_pct']:+.1f} | "
                      f"{x['limit_us']:.1f} | {x['met']} | {x['met_all_blocks']} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--blocks", type=int, default=200)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: vaeinfer's)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(results.RESULTS))
     args = ap.parse_args(argv)
-    report = measure(args.blocks, args.calls, threads=args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results_io import write_results
-
-    write_results(args.out, "overhead", report, markdown(report))
+    report = {**results.provenance(__spec__.name, argv), "onnxruntime_version": ort.__version__,
+              "threads": args.threads, "blocks": args.blocks, "calls_per_block": args.calls}
+    report["rows"] = measure(args.blocks, args.calls, threads=args.threads)
+    report["met"] = all(r["met"] for r in report["rows"])
+    results.write("overhead", f"Per-call overhead at batch 1 (onnxruntime {ort.__version__})", report,
+                  markdown(report), args.out)
     return report
 
 

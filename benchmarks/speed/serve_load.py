@@ -1,8 +1,8 @@
 """Load test of `vaeinfer serve` on 127.0.0.1: concurrent clients against a real uvicorn process,
 with and without micro-batching.
 
-    python benchmarks/serve_load.py                       # 32 clients, 3000 decode requests of batch 1 per mode
-    python benchmarks/serve_load.py --requests 600 --clients 8 --no-write
+    python -m benchmarks.speed.serve_load                       # 32 clients, 3000 decode requests of batch 1 per mode
+    python -m benchmarks.speed.serve_load --requests 600 --clients 8 --no-write
 
 Each request decodes one latent (application/x-npy in and out) drawn from a fixed set of 256;
 every response must equal the in-process `model.decode` of the same latent bit for bit (a
@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -31,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description
+
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {"one request per call": ["--max-batch", "1"],
          "micro-batching": ["--max-batch", "32", "--max-wait-ms", "2"]}
 
@@ -186,7 +186,7 @@ def measure(mode_flags: list[str], clients: int, requests: int, time_limit: floa
     return result
 
 
-def interleaved(clients: int, requests: int, rounds: int, time_limit: float, model: str, work) -> dict:
+def alternating_rounds(clients: int, requests: int, rounds: int, time_limit: float, model: str, work) -> dict:
     """Both servers up at once, measured in alternating rounds, so that load from other processes
     on a shared machine falls on both modes alike; per mode: all rounds' latencies, throughput =
     requests / summed wall time, and the median of the rounds' throughputs."""
@@ -222,7 +222,7 @@ def interleaved(clients: int, requests: int, rounds: int, time_limit: float, mod
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=3000, help="per mode, over all rounds")
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds per mode")
@@ -230,43 +230,35 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="mnist-vae")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    results = interleaved(args.clients, args.requests, args.rounds, args.time_limit, args.model, workload(args.model))
-    for name, r in results.items():
+    modes = alternating_rounds(args.clients, args.requests, args.rounds, args.time_limit, args.model, workload(args.model))
+    for name, r in modes.items():
         print(f"{name}: {r['throughput_rps']:.0f} req/s (rounds: {r['round_throughputs_rps']}), p50 {r['p50_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, {r['batches']['calls']} calls ({r['batches']['mean_rows']:.1f} rows each), "
               f"{len(r['failures'])} failures", flush=True)
-    gain = results["micro-batching"]["throughput_rps"] / results["one request per call"]["throughput_rps"]
+    gain = modes["micro-batching"]["throughput_rps"] / modes["one request per call"]["throughput_rps"]
     print(f"micro-batching gain: {gain:.2f}x")
-    ok = all(not r["failures"] and r["exit_code"] == 0 for r in results.values())
+    ok = all(not r["failures"] and r["exit_code"] == 0 for r in modes.values())
     if not args.no_write:
-        write(results, gain, args)
+        write(modes, gain, args, argv)
     return 0 if ok else 1
 
 
-def write(results: dict, gain: float, args) -> None:
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-               "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-               "processor": platform.processor() or platform.machine(),
-               "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()]}  # other work on the cores
-    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
-    doc = {"command": command.strip(), "machine": machine, "when_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+def write(modes: dict, gain: float, args, argv=None) -> None:
+    doc = {**results.provenance(__spec__.name, argv),
+           "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],  # other work on the cores
            "clients": args.clients, "requests": args.requests, "model": args.model, "op": "decode, batch 1",
-           "rounds": args.rounds, "modes": {k: {**v, "flags": MODES[k]} for k, v in results.items()}, "gain": gain}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [f"# vaeinfer serve: load test ({args.clients} clients, decode of batch 1, {args.model})", "",
-             f"Command: `{doc['command']}` ({doc['when_utc']} UTC)  ", f"Machine: {machine}", "",
-             "Client and server share the machine (the client: one asyncio process, a minimal keep-alive HTTP/1.1 client). Every response was "
+           "rounds": args.rounds, "modes": {k: {**v, "flags": MODES[k]} for k, v in modes.items()}, "gain": gain}
+    lines = ["Client and server share the machine (the client: one asyncio process, a minimal keep-alive HTTP/1.1 client). Every response was "
              "checked against the in-process `model.decode` bit for bit. Both servers run at once and are measured "
              f"in {args.rounds} alternating rounds (throughput = requests / summed wall time).", "",
              "| mode | server flags | requests | throughput (req/s) | p50 (ms) | p99 (ms) | onnxruntime calls | rows per call | failures |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
+    for name, r in modes.items():
         lines.append(f"| {name} | `{' '.join(MODES[name])}` | {r['requests']} | {r['throughput_rps']:.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['batches']['calls']} | "
                      f"{r['batches']['mean_rows']:.1f} | {len(r['failures'])} |")
-    lines += ["", f"Micro-batching throughput gain: **{gain:.2f}x**", ""]
-    (RESULTS / "serve.md").write_text("\n".join(lines))
+    lines += ["", f"Micro-batching throughput gain: **{gain:.2f}x**"]
+    results.write("serve", f"vaeinfer serve: load test ({args.clients} clients, decode of batch 1, {args.model})", doc, lines)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 
 Writes benchmarks/results/vq_sampling.{json,md}: in-process sample_codes(n) seconds (median of
 interleaved rounds), the fraction of positions where the two loops drew the same code, and the
-whole `vaeinfer sample -n N` process (wall seconds, max RSS) on the bundle as committed and on a
+whole `vaeinfer sample -n N` process (wall seconds, peak RSS: harness.memory) on the bundle as committed and on a
 copy without the cached graphs (what an older bundle does, i.e. the reference loop).
 
-    python benchmarks/vq_sampling.py [--model mnist-vqvae] [--n 256] [--rounds 3]
+    python -m benchmarks.speed.vq_sampling [--model mnist-vqvae] [--n 256] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import vaeinfer
-from vaeinfer import bench as vbench
+from benchmarks.harness import memory
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description
+from benchmarks.harness.timing import interleaved
 from vaeinfer.manifest import STEP_ROLES
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def reference_copy(bundle: Path, into: Path) -> Path:
@@ -43,19 +41,12 @@ def reference_copy(bundle: Path, into: Path) -> Path:
 
 
 def whole_process(model: str, n: int, out_png: Path) -> dict:
-    """`vaeinfer sample -m MODEL -n N -o PNG` under /usr/bin/time: wall seconds and max RSS."""
-    cmd = [sys.executable, "-m", "vaeinfer.cli", "sample", "-m", model, "-n", str(n), "-o", str(out_png)]
-    timer = ["/usr/bin/time", "-f", "%e %M"] if Path("/usr/bin/time").exists() else []
-    t0 = time.perf_counter()
-    done = subprocess.run(timer + cmd, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-1000:]}")
-    row = {"command": " ".join(["vaeinfer", *cmd[3:]]), "wall_s": wall}
-    if timer:
-        elapsed, rss_kb = done.stderr.strip().splitlines()[-1].split()
-        row.update({"time_elapsed_s": float(elapsed), "max_rss_mb": int(rss_kb) / 1024})
-    return row
+    """`vaeinfer sample -m MODEL -n N -o PNG` in a fresh process: wall seconds and peak RSS."""
+    args = ["sample", "-m", model, "-n", str(n), "-o", str(out_png)]
+    run = memory.fresh_process("vaeinfer.cli", args, timeout=600)
+    if run["returncode"] != 0:
+        raise RuntimeError(f"vaeinfer {' '.join(args)} failed: {run['stderr'][-1000:]}")
+    return {"command": " ".join(["vaeinfer", *args]), "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mib"]}
 
 
 def measure(model: str = "mnist-vqvae", n: int = 256, rounds: int = 3, seed: int = 1, processes: bool = True) -> dict:
@@ -65,19 +56,19 @@ def measure(model: str = "mnist-vqvae", n: int = 256, rounds: int = 3, seed: int
     for cached in (False, True):  # warm-up, and let each graph choose its execution mode
         m.sample_codes(n, seed=0, cached=cached)
         m.sample_codes(n, seed=0, cached=cached)
-    seconds = {"reference": [], "cached": []}
     codes = {}
-    for _ in range(rounds):  # interleaved: a slow moment of the machine hits both
-        for name, cached in (("reference", False), ("cached", True)):
-            t0 = time.perf_counter()
-            codes[name] = m.sample_codes(n, seed=seed, cached=cached)
-            seconds[name].append(time.perf_counter() - t0)
-    ref, fast = (float(np.median(seconds[k])) for k in ("reference", "cached"))
+
+    def runner(name: str, cached: bool):
+        return lambda: codes.__setitem__(name, m.sample_codes(n, seed=seed, cached=cached))
+
+    timings = interleaved({"reference": runner("reference", False), "cached": runner("cached", True)}, rounds,
+                          calls=1, warmup=0)  # interleaved: a slow moment of the machine hits both
+    ref, fast = timings.medians["reference"], timings.medians["cached"]
     same = float(np.mean(codes["reference"] == codes["cached"]))
     report = {
-        "command": f"python benchmarks/vq_sampling.py --model {model} --n {n} --rounds {rounds}",
-        "machine": vbench.machine(), "onnxruntime_version": ort.__version__, "model": model, "n": n, "seed": seed,
-        "in_process": {"reference_s": ref, "cached_s": fast, "speedup": ref / fast, "rounds": seconds},
+        "onnxruntime_version": ort.__version__, "model": model, "n": n, "seed": seed,
+        "in_process": {"reference_s": ref, "cached_s": fast, "speedup": ref / fast,
+                       "rounds": {k: timings.seconds(k).tolist() for k in ("reference", "cached")}},
         "same_code_fraction": same, "goal": {"speedup": 8.0, "same_code_fraction": 0.999},
         "met": ref / fast >= 8.0 and same >= 0.999,
     }
@@ -89,37 +80,32 @@ def measure(model: str = "mnist-vqvae", n: int = 256, rounds: int = 3, seed: int
     return report
 
 
-def markdown(r: dict) -> str:
-    mach, p = r["machine"], r["in_process"]
-    lines = [f"# VQ-VAE sampling: cached prior loop vs reference loop ({r['model']}, n={r['n']})", "",
-             f"Command: `{r['command']}`  ", f"Machine: {mach.get('cpu')}, {mach.get('cpus_usable')} usable CPUs; "
-             f"onnxruntime {r['onnxruntime_version']}", "",
-             "| loop | sample_codes(n) s (median) |", "|---|---|",
+def markdown(r: dict) -> list[str]:
+    p = r["in_process"]
+    lines = ["| loop | sample_codes(n) s (median) |", "|---|---|",
              f"| reference (full prior graph per position) | {p['reference_s']:.3f} |",
              f"| cached (prior_row per row + prior_step per position) | {p['cached_s']:.3f} |", "",
              f"Speed-up: **{p['speedup']:.1f}x** (goal >= 8x). Same code at {r['same_code_fraction']:.4%} of positions "
              f"for seed {r['seed']} (goal >= 99.9%). Goals met: {r['met']}.", ""]
     if "whole_process" in r:
-        lines += ["Whole process (`/usr/bin/time`):", "", "| bundle | command | wall s | max RSS MB |", "|---|---|---|---|"]
+        lines += ["Whole process (a fresh interpreter each):", "", "| bundle | command | wall s | peak RSS MB |",
+                  "|---|---|---|---|"]
         for name, row in r["whole_process"].items():
-            lines.append(f"| {name.replace('_', ' ')} | `{row['command']}` | {row.get('time_elapsed_s', row['wall_s']):.2f} "
-                         f"| {row.get('max_rss_mb', float('nan')):.0f} |")
+            lines.append(f"| {name.replace('_', ' ')} | `{row['command']}` | {row['wall_s']:.2f} | {row['peak_rss_mb']:.0f} |")
         lines += ["", "(reference loop: a copy of the bundle without prior_row/prior_step, i.e. an older bundle)"]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default="mnist-vqvae")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(results.RESULTS))
     args = ap.parse_args(argv)
-    report = measure(args.model, args.n, args.rounds)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results_io import write_results
-
-    write_results(args.out, "vq_sampling", report, markdown(report))
+    report = {**results.provenance(__spec__.name, argv), **measure(args.model, args.n, args.rounds)}
+    results.write("vq_sampling", f"VQ-VAE sampling: cached prior loop vs reference loop ({args.model}, n={args.n})",
+                  report, markdown(report), args.out)
     return report
 
 

@@ -1,6 +1,6 @@
 """Cold start and installed size of the runtime, against PyTorch.
 
-    .venv/bin/python benchmarks/coldstart.py          # prints JSON; benchmarks/run.py includes it
+    python -m benchmarks.speed.coldstart          # prints JSON; benchmarks.speed.peers includes it
 
 - cold start: wall time of whole processes, each started fresh (median of `repeats`):
   `vaeinfer sample -n 16` (import, load the bundled model, sample, write a PNG), against
@@ -112,8 +112,16 @@ def installed_size() -> dict:
     return out
 
 
-def main() -> dict:
-    result = {"cold_start": cold_start(), "installed_size": installed_size()}
+def main(argv=None) -> dict:
+    import argparse
+
+    from benchmarks.harness.cli import description
+
+    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap.add_argument("--repeats", type=int, default=5, help="fresh processes per command")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the processes")
+    args = ap.parse_args(argv)
+    result = {"cold_start": cold_start(args.repeats, args.threads), "installed_size": installed_size()}
     print(json.dumps(result, indent=2))
     return result
 

@@ -1,8 +1,8 @@
 """vaeinfer against diffusers (eager and torch.compile) on latent-diffusion autoencoder decoders,
 on this machine's CPU, in one run, on the same (random-init) weights.
 
-    .venv/bin/python benchmarks/diffusers_vae.py            # SD-sized AutoencoderKL at 256x256, TAESD at 512x512
-    .venv/bin/python benchmarks/diffusers_vae.py --quick    # tiny configs and sizes: a smoke run
+    python -m benchmarks.speed.diffusers_vae            # SD-sized AutoencoderKL at 256x256, TAESD at 512x512
+    python -m benchmarks.speed.diffusers_vae --quick    # tiny configs and sizes: a smoke run
     options: --threads N, --batches 1,4, --rounds R, --no-compile, --no-memory, --note TEXT, --out DIR
 
 - models: diffusers' Stable Diffusion VAE config (AutoencoderKL, block_out_channels (128, 256,
@@ -15,8 +15,8 @@ on this machine's CPU, in one run, on the same (random-init) weights.
   `vae.decode(z).sample` eager and torch.compile (inductor, frozen weights), under inference_mode.
   Timed in interleaved rounds (one call per runner per round, after a warm-up call), median.
 - GFLOP/s: PyTorch's FlopCounterMode count of the decoder over the median time, as a fraction of
-  the measured fp32 matmul peak (benchmarks/run.py's `matmul_peak`).
-- memory: peak RSS (VmHWM of /proc/self/status) of a separate process that loads the bundle with
+  the measured fp32 matmul peak (benchmarks.speed.peers's `matmul_peak`).
+- memory: peak RSS (harness.memory: VmHWM) of a separate process that loads the bundle with
   vaeinfer (no torch) and decodes one SD-sized latent to 512x512 untiled, and to 512x512 and
   1024x1024 tiled (`decode(z, tile=...)`); the output image itself is 12 MiB at 1024x1024.
 Writes DIR/diffusers_vae.json and DIR/diffusers_vae.md (default DIR: benchmarks/results).
@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.harness import memory
+from benchmarks.harness import report as results
+from benchmarks.harness.cli import description, int_list
+from benchmarks.harness.machine import cpu_seconds, others_since
+from benchmarks.harness.timing import interleaved, stats
 
 SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
@@ -54,29 +54,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory: VmHWM (Linux), which exec resets; getrusage's
-    ru_maxrss survives exec and would report the parent's (torch-sized) peak from the fork."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def memory_child(bundle: str, size: int, tile: int | None, threads: int) -> None:
     """Run in a fresh process: decode one latent for a size x size image; print peak RSS as JSON."""
     import vaeinfer
 
     vae = vaeinfer.load(bundle, device="cpu", threads=threads)
-    after_load = peak_rss_mib()
+    after_load = memory.peak_rss_mib()
     f = vae.downsample
     z = np.random.default_rng(0).standard_normal((1, vae.latent_channels, size // f, size // f)).astype(np.float32)
     t0 = time.perf_counter()
     img = vae.decode(z, tile=tile)
-    print(json.dumps({"size": size, "tile": tile, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
+    print(json.dumps({"size": size, "tile": tile, "seconds": time.perf_counter() - t0, "peak_rss_mib": memory.peak_rss_mib(),
                       "rss_after_load_mib": after_load, "output_mib": img.nbytes / 2 ** 20,
                       "torch_imported": "torch" in sys.modules}))
 
@@ -112,13 +100,12 @@ def measure_memory(bundle: Path, cases, threads: int) -> list[dict]:
     rows = []
     for size, tile in cases:
         log(f"  memory: decode to {size}x{size}, tile {tile}")
-        cmd = [sys.executable, __file__, "--memory-child", str(bundle), str(size), str(tile or 0), str(threads)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-        if r.returncode != 0:
-            rows.append({"size": size, "tile": tile, "error": r.stderr.strip().splitlines()[-1:]})
+        run = memory.fresh_process(__spec__.name, ["--memory-child", str(bundle), str(size), str(tile or 0), str(threads)],
+                                   timeout=1800)
+        if run["returncode"] != 0:
+            rows.append({"size": size, "tile": tile, "error": run["stderr"].strip().splitlines()[-1:]})
             continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(memory.last_json_line(run))
     return rows
 
 
@@ -192,7 +179,7 @@ def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak
 
     import vaeinfer
     from vaeinfer.export.diffusers import _Decoder
-    from run import TorchRunner, flops_per_image, stats
+    from benchmarks.speed.peers import TorchRunner, flops_per_image
 
     rows = []
     for name, m in models.items():
@@ -211,18 +198,12 @@ def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak
                 log(f"  {name} batch {b}: torch.compile")
                 fns["torch.compile"] = runner.compile(z)
             log(f"  {name} batch {b}: timing {list(fns)} ({rounds} rounds)")
-            times = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()  # warm-up (vaeinfer: session arenas; torch: allocator)
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
+            # one warm-up call each (vaeinfer: session arenas; torch: allocator), then one call per round
+            timings = interleaved(fns, rounds, calls=1, warmup=1)
             row = {"model": name, "image": f"{size}x{size}", "batch": b, "gflop_per_image": flops / 1e9,
                    "compile_s": runner.compile_s.get(b), "runners": {}}
-            for k, t in times.items():
-                s = stats(np.array(t), b)
+            for k in fns:
+                s = stats(timings.seconds(k), b)
                 s["gflops"] = flops * b / (s["p50_ms"] / 1e3) / 1e9
                 s["of_peak"] = s["gflops"] / peak["peak_gflops"]
                 row["runners"][k] = s
@@ -238,14 +219,12 @@ def bench(models: dict, batches, threads: int, rounds: int, compile_: bool, peak
     return rows
 
 
-def markdown(report: dict) -> str:
-    mach, peak = report["machine"], report["peak"]
-    lines = ["# vaeinfer vs diffusers: latent-diffusion decoders on CPU", "",
-             f"Command: `{report['command']}`  ", f"Date: {mach['date']}  ",
-             f"Machine: {mach['cpu']}, {mach['cpus_usable']} usable cores ({', '.join(mach['isa'])}), "
-             f"{mach['memory_gb']} GB; onnxruntime {mach['onnxruntime']}, torch {report['torch_version']}, "
-             f"diffusers {report['diffusers_version']}  ",
-             f"Threads: {report['threads']}; rounds: {report['rounds']} interleaved calls per runner (median)  ",
+TITLE = "vaeinfer vs diffusers: latent-diffusion decoders on CPU"
+
+
+def markdown(report: dict) -> list[str]:
+    peak = report["peak"]
+    lines = [f"Threads: {report['threads']}; rounds: {report['rounds']} interleaved calls per runner (median)  ",
              f"fp32 matmul peak: {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_from']})  ",
              f"Other processes used {report['other_processes']['cpu_fraction']:.0%} of the machine's CPU time during "
              f"the run (load average at start {report['load_at_start']})", ""]
@@ -273,20 +252,20 @@ def markdown(report: dict) -> str:
                 tile = f"{r['tile']} latent px" if r["tile"] else "untiled"
                 lines.append(f"| {r['size']}x{r['size']} | {tile} | {r['peak_rss_mib']:.0f} | "
                              f"{r['rss_after_load_mib']:.0f} | {r['output_mib']:.0f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
-    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--batches", type=int_list, default=[1, 4])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny configs and sizes (a smoke run)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--tile", type=int, default=32, help="tile size of the tiled memory runs, in latent pixels (32 = 256 image pixels)")
     ap.add_argument("--note", default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(results.RESULTS))
     ap.add_argument("--fp16-ranges", action="store_true",
                     help="only measure the decoders' activation ranges (fp16 overflow), into DIR/diffusers_vae_fp16.json")
     ap.add_argument("--memory-only", metavar="BUNDLE", default=None,
@@ -301,34 +280,27 @@ def main(argv=None) -> dict:
         threads = args.threads or len(os.sched_getaffinity(0))
         small, big = (64, 128) if args.quick else (512, 1024)
         tile = 4 if args.quick else args.tile
-        report = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
-                  "bundle": str(args.memory_only), "threads": threads, "load_at_start": [round(v, 2) for v in os.getloadavg()],
+        report = {**results.provenance(__spec__.name, argv), "bundle": str(args.memory_only), "threads": threads, "load_at_start": [round(v, 2) for v in os.getloadavg()],
                   "ort_profile": ort_profile(Path(args.memory_only), 16, threads),
                   "memory": measure_memory(Path(args.memory_only), [(small, None), (small, tile), (big, tile)], threads)}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "diffusers_vae_memory.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(report["memory"], indent=2))
+        results.write("diffusers_vae_memory", "Peak memory of one decode (vaeinfer only, separate processes)", report,
+                      ["```json", json.dumps(report["memory"], indent=2), "```"], args.out)
         return report
     import diffusers
     import torch
 
-    from run import cpu_seconds, matmul_peak, others_since
-    from vaeinfer import bench as vbench
+    from benchmarks.speed.peers import matmul_peak
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     if args.fp16_ranges:
-        ranges = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
-                  "machine": vbench.machine(), "diffusers_version": diffusers.__version__, "fp16_max": 65504,
-                  "models": fp16_ranges(args.quick)}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ("diffusers_vae_fp16-quick.json" if args.quick else "diffusers_vae_fp16.json")).write_text(
-            json.dumps(ranges, indent=2) + "\n")
-        print(json.dumps(ranges["models"], indent=2))
+        ranges = {**results.provenance(__spec__.name, argv), "diffusers_version": diffusers.__version__,
+                  "fp16_max": 65504, "models": fp16_ranges(args.quick)}
+        results.write("diffusers_vae_fp16-quick" if args.quick else "diffusers_vae_fp16",
+                      "Activation ranges of the diffusers decoders (fp16 overflow)", ranges,
+                      ["```json", json.dumps(ranges["models"], indent=2), "```"], args.out)
         return ranges
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     load = os.getloadavg()
     before = cpu_seconds()
     log(f"peak: fp32 matmul, {threads} threads")
@@ -338,12 +310,10 @@ def main(argv=None) -> dict:
 
     def write(report):
         report["other_processes"] = others_since(before)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (out / f"{stem}.md").write_text(markdown(report) + "\n")
+        results.write(stem, TITLE, report, markdown(report), out)
 
-    report = {"command": " ".join(["python", "benchmarks/diffusers_vae.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": vbench.machine(), "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
+    report = {**results.provenance(__spec__.name, argv), "torch_version": torch.__version__,
+              "diffusers_version": diffusers.__version__,
               "threads": threads, "batches": batches, "rounds": args.rounds, "note": args.note, "peak": peak,
               "load_at_start": [round(v, 2) for v in load]}
     with tempfile.TemporaryDirectory(prefix="vaeinfer-diffusers-bench-") as tmp:
@@ -362,7 +332,6 @@ def main(argv=None) -> dict:
             tile = 4 if args.quick else args.tile
             report["memory"] = measure_memory(kl, [(small, None), (small, tile), (big, tile)], threads)
     write(report)
-    print(markdown(report))
     return report
 
 

@@ -2,8 +2,8 @@
 success or a typed `vaeinfer.VaeinferError`: never an interpreter crash, a hang, or another
 exception type.
 
-    python benchmarks/fuzz.py --minutes 20                 # the long run; writes benchmarks/results/fuzz.{json,md}
-    python benchmarks/fuzz.py --attempts 2000 --workers 2  # a fixed number of mutations
+    python -m benchmarks.stress.fuzz --minutes 20                 # the long run; writes benchmarks/results/fuzz.{json,md}
+    python -m benchmarks.stress.fuzz --attempts 2000 --workers 2  # a fixed number of mutations
 
 Seeds are tiny bundles exported by this project (an MLP VAE, and a VQ-VAE with a
 class-conditional PixelCNN prior). Each attempt (numpy Generator([seed, attempt]): any attempt
@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import select
 import shutil
@@ -48,8 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import report
+from benchmarks.harness.cli import description
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = report.RESULTS
 FAMILIES = {"manifest-json": 0.25, "manifest-bytes": 0.1, "graph-bytes": 0.25, "graph-proto": 0.35, "graph-swap": 0.05}
 MEMORY_LIMIT = 3 << 30  # bytes of address space per worker
 
@@ -432,7 +434,7 @@ class _Worker:
         self.dir = root / f"w{n}"
         self.stderr = root / f"w{n}.stderr"  # a file, not a pipe: a chatty worker can never block on it
         with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+            self.proc = subprocess.Popen([sys.executable, "-m", __spec__.name, "--worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=str(ROOT),
                                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
         self.job = None
@@ -582,20 +584,17 @@ def replay(seed_paths, seed: int, index: int, out: Path) -> dict:
     return {k: v for k, v in job.items() if k != "files"}
 
 
-def write_report(result: dict, command: str) -> None:
+def write_report(result: dict, argv=None) -> None:
     import onnxruntime
 
     import vaeinfer
 
-    result = {**result, "command": command, "vaeinfer": vaeinfer.__version__, "onnxruntime": onnxruntime.__version__,
-              "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {**report.provenance(__spec__.name, argv), **result, "vaeinfer": vaeinfer.__version__,
+              "onnxruntime": onnxruntime.__version__}
     errors = {k: v for k, v in result["outcomes"].items() if k != "ok"}
     lines = [
-        "# Bundle fuzzing", "",
-        f"`{command}` ({result['seconds']:.0f} s, {result['workers']} worker(s), vaeinfer {result['vaeinfer']}, "
-        f"onnxruntime {result['onnxruntime']}, Python {result['python']}, {result['machine']}).", "",
+        f"{result['seconds']:.0f} s, {result['workers']} worker(s), vaeinfer {result['vaeinfer']}, "
+        f"onnxruntime {result['onnxruntime']}.", "",
         "| inputs tried | loaded and ran | typed errors | crashes | hangs | other exception types |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {result['attempts']} | {result['outcomes'].get('ok', 0)} | "
@@ -616,11 +615,11 @@ def write_report(result: dict, command: str) -> None:
         lines += ["", "Incidents (replay with `--replay INDEX`):", ""]
         lines += [f"- attempt {i['index']} ({i['family']}, {i['seed']}): {i['outcome']} "
                   f"{i.get('how', '')}{i.get('type', '')} {i.get('message', '')[:200]}" for i in result["incidents"]]
-    (RESULTS / "fuzz.md").write_text("\n".join(lines) + "\n")
+    report.write("fuzz", "Bundle fuzzing", result, lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--attempts", type=int, default=None)
     ap.add_argument("--minutes", type=float, default=None)
@@ -631,7 +630,7 @@ def main() -> None:
     ap.add_argument("--no-report", action="store_true", help="do not write benchmarks/results/fuzz.*")
     ap.add_argument("--write-seeds", type=Path, default=None,
                     help="export the seed bundles into this folder and stop (tests/data/fuzz-seeds is made so)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         worker()
         return
@@ -652,10 +651,9 @@ def main() -> None:
                               log=lambda m: print(m, file=sys.stderr, flush=True))
     finally:
         shutil.rmtree(seed_root, ignore_errors=True)
-    command = "python benchmarks/fuzz.py " + " ".join(a for a in sys.argv[1:])
     print(json.dumps({k: v for k, v in result.items() if k != "incidents"}, indent=2))
     if not args.no_report:
-        write_report(result, command.strip())
+        write_report(result, argv)
 
 
 if __name__ == "__main__":

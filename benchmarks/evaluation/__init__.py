@@ -1,0 +1,1 @@
+"""Model evaluation: test NLL, validation NLL, reconstruction and sample quality (not timings)."""

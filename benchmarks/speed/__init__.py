@@ -1,0 +1,1 @@
+"""Speed: latency, throughput, overhead, cold start and memory of the runtime, against its peers."""
