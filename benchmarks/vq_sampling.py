@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 import vaeinfer
 from vaeinfer import bench as vbench
-from vaeinfer.manifest import STEP_ROLES
+from vaeinfer.kinds.vqvae import STEP_ROLES
 
 REPO = Path(__file__).resolve().parent.parent
 
