@@ -7,17 +7,40 @@
 A user's own modules follow the documented interface: `encoder(x) -> (mean, logvar)` with x
 (N, C, H, W) float32 in [0, 1] and mean/logvar (N, Z); `decoder(z) -> params` (N, C, H, W), the
 likelihood's parameters (Bernoulli logits, or the Gaussian mean whose fixed scale you pass).
+
+Each kind's export module (export/<kind>.py) registers its `Exporter` here with `register` when
+imported; this package imports them all (at the end), so `EXPORTERS` is complete once
+`vaeinfer.export` is. Adding a kind: its module calls `register(KIND.name, export_run,
+variant_errors)`, and its import goes below.
 """
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from vaeinfer.export.graphs import ExportError
-from vaeinfer.export.vae import export_vae
 
-__all__ = ["export_vae", "export_checkpoint", "ExportError"]
+__all__ = ["export_vae", "export_checkpoint", "ExportError", "EXPORTERS", "register"]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    # (model, checkpoint meta, run_dir, out_dir, name | None, training facts) -> the bundle's path:
+    # a run trained by `training` (export_checkpoint)
+    export_run: Callable[..., Path]
+    # (ref, var, x, labels, nll_images, nll_samples, seed) -> the errors of a precision variant `var`
+    # against the fp32 `ref`, both loaded, on images x (variants.evaluate)
+    variant_errors: Callable[..., dict]
+
+
+EXPORTERS: dict[str, Exporter] = {}  # kind name (vaeinfer.kinds) -> its exporter
+
+
+def register(kind: str, export_run: Callable[..., Path], variant_errors: Callable[..., dict]) -> Exporter:
+    EXPORTERS[kind] = Exporter(export_run, variant_errors)
+    return EXPORTERS[kind]
 
 
 def training_facts(meta: dict) -> dict:
@@ -40,7 +63,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
     tensors, meta = ckpt.load(checkpoint)
     model = build_model(meta["arch"], meta["image_shape"], Likelihood.from_json(meta["likelihood"]), **meta["model_args"])
     model.load_state_dict(ckpt.model_tensors(tensors))
-    from vaeinfer import kinds
+    return EXPORTERS[meta["kind"]].export_run(model, meta, ckpt.resolve(checkpoint).parent, out_dir, name,
+                                              training_facts(meta))
 
-    module = importlib.import_module(kinds.get(meta["kind"]).export_module)
-    return module.export_run(model, meta, ckpt.resolve(checkpoint).parent, out_dir, name, training_facts(meta))
+
+from vaeinfer.export import spatial_vae, vae, vqvae  # noqa: F401  (each registers its exporter)
+from vaeinfer.export.vae import export_vae

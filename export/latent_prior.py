@@ -12,6 +12,7 @@ import hashlib
 from vaeinfer.export.graphs import ExportError
 from vaeinfer import latent_prior
 from vaeinfer.errors import BundleError
+from vaeinfer.kinds.vae import KIND
 
 FILE = "prior.npz"
 
@@ -25,7 +26,7 @@ def prior_files(mixture: dict | None, latent_dim: int) -> tuple[dict[str, bytes]
     slot = {"type": "mixture", "file": FILE, "sha256": hashlib.sha256(data).hexdigest(),
             "components": int(len(mixture["log_weights"])), "source": mixture["source"]}
     try:
-        latent_prior.from_npz(data, latent_prior.parse_slot(slot, "vae"), latent_dim, FILE)
+        latent_prior.from_npz(data, latent_prior.parse_slot(slot, KIND.name), latent_dim, FILE)
     except BundleError as e:
         raise ExportError(f"the latent prior cannot be exported: {e}") from None
     return {FILE: data}, {latent_prior.SLOT: slot}

@@ -22,7 +22,7 @@ from vaeinfer.export.writer import sha256, write_bundle
 from vaeinfer.bundle import MANIFEST
 from vaeinfer.manifest import FORMAT_VERSION
 from vaeinfer.prior_sampling import cached_loop
-from vaeinfer.spec import prior_step_graphs
+from vaeinfer.kinds.vqvae import KIND, prior_step_graphs
 
 CHECK_GRIDS, CHECK_SEED = 16, 5
 
@@ -98,7 +98,7 @@ def add_prior_step(bundle_dir: str | Path, run_dir: str | Path, tolerance: float
 
     bundle_dir, run_dir = Path(bundle_dir), Path(run_dir)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    if manifest.get("kind") != "vqvae" or not manifest.get("prior"):
+    if manifest.get("kind") != KIND.name or not manifest.get("prior"):
         raise ExportError(f"{bundle_dir}: not a VQ-VAE bundle with a prior")
     _, vq_meta = checkpoint.load(run_dir)
     prior, _ = load_prior(run_dir, vq_meta["weights"]["sha256"])
@@ -114,7 +114,7 @@ def add_prior_step(bundle_dir: str | Path, run_dir: str | Path, tolerance: float
     for name in {e["file"] for e in manifest["graphs"].values()} | \
             {e["file"] for v in manifest.get("variants", {}).values() for e in v["graphs"].values()}:
         files[name] = (bundle_dir / name).read_bytes()
-    facts = {"format_version": FORMAT_VERSION, "name": manifest["name"], "kind": "vqvae",
+    facts = {"format_version": FORMAT_VERSION, "name": manifest["name"], "kind": KIND.name,
              "image": [manifest["image"][k] for k in ("channels", "height", "width")],
              "latent": latent, "likelihood": manifest["likelihood"]}
     specs = prior_step_graphs(tuple(latent["grid"]), latent["codebook_size"], num_classes, cache)

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from vaeinfer import export
+from vaeinfer.export import vae
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError
-from vaeinfer.spec import HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, example_inputs, spatial_vae_graphs
+from vaeinfer.kinds.spatial_vae import KIND, spatial_vae_graphs
+from vaeinfer.spec import HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, example_inputs
 
 SIZES = ((64, 64), (96, 128))  # image sizes (H, W) validated by default
 BATCHES = (1, 2, 3)
@@ -102,7 +105,7 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
     latent = {"channels": latent_channels, "downsample": downsample, "scaling_factor": float(scaling_factor),
               "shift_factor": float(shift_factor), "stochastic": bool(stochastic), "quantized": bool(quantized)}
     return export_bundle(
-        out_dir, name=name or Path(out_dir).name, kind="spatial-vae", image=(channels, height, width), latent=latent,
+        out_dir, name=name or Path(out_dir).name, kind=KIND.name, image=(channels, height, width), latent=latent,
         likelihood=likelihood or {"kind": "gaussian"}, modules={"encoder": encoder, "decoder": decoder},
         specs=specs, training=training, tolerance=tolerance, value_range=rng_range,
         spatial={"dims": _axes(downsample, multiple, min_size), "trace": _sizes(*sizes[0], downsample),
@@ -122,3 +125,6 @@ def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, trai
                               downsample=f, height=h, width=w, value_range=tuple(meta.get("value_range", (-1.0, 1.0))),
                               likelihood=dict(meta["likelihood"]), name=name, training=training,
                               sizes=((h, w), (h + 2 * f, w + 4 * f)))
+
+
+export.register(KIND.name, export_run, vae.variant_errors)  # a continuous latent, as a VAE's

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from vaeinfer import export
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError
-from vaeinfer.spec import vae_graphs
+from vaeinfer.kinds.vae import KIND, vae_graphs
 
 
 def _likelihood(kind: str, scale: float | None) -> dict:
@@ -40,7 +42,7 @@ def export_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, image_shape, 
         raise ExportError(f"the encoder cannot run on zeros of shape (2, {', '.join(map(str, image))}): {e}") from None
     prior_file, prior_slot = prior_files(latent_prior, latent_dim)
     return export_bundle(
-        out_dir, name=name or Path(out_dir).name, kind="vae", image=image, latent={"dim": latent_dim},
+        out_dir, name=name or Path(out_dir).name, kind=KIND.name, image=image, latent={"dim": latent_dim},
         likelihood=_likelihood(likelihood, scale), modules={"encoder": encoder, "decoder": decoder},
         specs=vae_graphs(image, latent_dim), training=training, tolerance=tolerance,
         extra_files=prior_file, extra_manifest=prior_slot,
@@ -55,3 +57,32 @@ def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, trai
     lik = meta["likelihood"]
     return export_vae(model.encoder, model.decoder, meta["image_shape"], out_dir, likelihood=lik["kind"],
                       scale=lik.get("scale"), name=name, training=training, latent_prior=export_mixture(model))
+
+
+def variant_errors(ref, var, x, labels, nll_images: int, nll_samples: int, seed: int) -> dict:
+    """A precision variant `var` against the fp32 model `ref` (both loaded) on images `x`, for
+    `vaeinfer.export.variants.evaluate`: the posterior mean (and logvar), the decoder on it, the
+    reconstruction, and the NLL where the model scores. A continuous latent: spatial VAEs use it too."""
+    from vaeinfer.export.variants import abs_errors
+
+    errors = {}
+    pa, pb = ref.encode(x), var.encode(x)
+    errors["encoder"] = {"mean": abs_errors(pa.mean, pb.mean)}
+    if pa.logvar is not None:
+        errors["encoder"]["logvar"] = abs_errors(pa.logvar, pb.logvar)
+    errors["decoder"] = {"params": abs_errors(ref.decode_params(pa.mean), var.decode_params(pa.mean)),
+                         "images": abs_errors(ref.decode(pa.mean), var.decode(pa.mean))}
+    errors["reconstruction"] = abs_errors(ref.decode(pa.mean), var.decode(pb.mean))
+    # an imported spatial VAE (no likelihood scale, or a deterministic encoder) has no NLL
+    scorable = ref.manifest.likelihood["kind"] == "bernoulli" or "scale" in ref.manifest.likelihood
+    if nll_images and scorable and pa.logvar is not None:
+        xs = x[:nll_images]
+        na = ref.score(xs, samples=nll_samples, seed=seed).nll
+        nb = var.score(xs, samples=nll_samples, seed=seed).nll
+        errors["nll"] = {"images": len(xs), "samples": nll_samples, "fp32": float(na.mean()),
+                         "variant": float(nb.mean()), "diff": float(nb.mean() - na.mean()),
+                         "max_abs_diff": float(np.abs(nb - na).max())}
+    return errors
+
+
+export.register(KIND.name, export_run, variant_errors)

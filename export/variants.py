@@ -38,7 +38,6 @@ import onnxruntime as ort
 from vaeinfer.export.graphs import IR_VERSION, ExportError
 from vaeinfer.export.writer import sha256, write_bundle
 from vaeinfer import precisions as precision_table
-from vaeinfer.manifest import STEP_ROLES
 from vaeinfer.bundle import open_bundle
 
 SPEED_BATCH = 256
@@ -349,7 +348,8 @@ def _tile(a: np.ndarray, rows: int) -> np.ndarray:
 
 # --- validation -------------------------------------------------------------------------------
 
-def _err(a: np.ndarray, b: np.ndarray) -> dict:
+def abs_errors(a: np.ndarray, b: np.ndarray) -> dict:
+    """|a - b|: its max and mean (float64), the measure of a variant against fp32."""
     d = np.abs(a.astype(np.float64) - b.astype(np.float64))
     return {"max_abs_err": float(d.max()), "mean_abs_err": float(d.mean())}
 
@@ -362,42 +362,13 @@ def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.nd
     """
     import vaeinfer
     from vaeinfer.errors import OutputError
+    from vaeinfer.export import EXPORTERS
 
     ref = vaeinfer.load(bundle_dir, device="cpu")
     var = vaeinfer.load(bundle_dir, device="cpu", precision=precision)
     x = np.ascontiguousarray(images, np.float32)
     try:
-        errors = {}
-        if ref.manifest.specs()["encoder"].outputs[0].name == "mean":
-            pa, pb = ref.encode(x), var.encode(x)
-            errors["encoder"] = {"mean": _err(pa.mean, pb.mean)}
-            if pa.logvar is not None:
-                errors["encoder"]["logvar"] = _err(pa.logvar, pb.logvar)
-            errors["decoder"] = {"params": _err(ref.decode_params(pa.mean), var.decode_params(pa.mean)),
-                                 "images": _err(ref.decode(pa.mean), var.decode(pa.mean))}
-            errors["reconstruction"] = _err(ref.decode(pa.mean), var.decode(pb.mean))
-            # an imported spatial VAE (no likelihood scale, or a deterministic encoder) has no NLL
-            scorable = ref.manifest.likelihood["kind"] == "bernoulli" or "scale" in ref.manifest.likelihood
-            if nll_images and scorable and pa.logvar is not None:
-                xs = x[:nll_images]
-                na = ref.score(xs, samples=nll_samples, seed=seed).nll
-                nb = var.score(xs, samples=nll_samples, seed=seed).nll
-                errors["nll"] = {"images": len(xs), "samples": nll_samples, "fp32": float(na.mean()),
-                                 "variant": float(nb.mean()), "diff": float(nb.mean() - na.mean()),
-                                 "max_abs_diff": float(np.abs(nb - na).max())}
-        else:
-            ca, cb = ref.encode(x), var.encode(x)
-            errors["encoder"] = {"codes_mismatch": float(np.mean(ca.codes != cb.codes)), "z_q": _err(ca.z_q, cb.z_q)}
-            errors["decoder"] = {"images": _err(ref.decode(ca.codes), var.decode(ca.codes))}
-            errors["reconstruction"] = _err(ref.decode(ca.codes), var.decode(cb.codes))
-            if ref.info.has_prior and nll_images:
-                lab = None
-                if ref.info.num_classes:
-                    lab = labels[:nll_images] if labels is not None else np.zeros(min(nll_images, len(x)), np.int64)
-                codes = ca.codes[:nll_images]
-                na, nb = ref.prior_nll(codes, label=lab), var.prior_nll(codes, label=lab)
-                errors["prior_nll"] = {"images": len(codes), "fp32": float(na.mean()), "variant": float(nb.mean()),
-                                       "diff": float(nb.mean() - na.mean())}
+        errors = EXPORTERS[ref.info.kind].variant_errors(ref, var, x, labels, nll_images, nll_samples, seed)
     except OutputError as e:
         raise ExportError(f"the {precision} variant produced non-finite values on the evaluation data: {e}") from e
     return errors
@@ -438,9 +409,8 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
             raise ExportError(f"precision must be one of {tuple(CONVERTERS)}, got {p!r}")
     bundle = open_bundle(bundle_dir)
     m = bundle.manifest
-    # the cached prior graphs (prior_row, prior_step) stay fp32 for every precision: they are
-    # small per-position matmuls where conversion casts would cost more than they save
-    fp32 = {role: bundle.read_graph(role) for role in m.specs() if role not in STEP_ROLES}
+    # a graph whose spec says so (a VQ prior's cached graphs) stays fp32 in every variant
+    fp32 = {role: bundle.read_graph(role) for role, spec in m.specs().items() if spec.variants}
     sessions = {role: _session(data) for role, data in fp32.items()}
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(calibration))

@@ -14,11 +14,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from vaeinfer import export
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError, example_inputs
 from vaeinfer.export.prior_step import cache_check, cache_facts, step_limits, step_modules
 from vaeinfer.export.validate import FP32_TOLERANCE, max_abs_error
-from vaeinfer.spec import vq_graphs
+from vaeinfer.kinds.vqvae import KIND, vq_graphs
 
 TIE_RELATIVE_GAP = 1e-5
 MAX_TIE_FRACTION = 1e-3
@@ -122,7 +123,7 @@ def export_vqvae(model, run_dir: Path, out_dir, *, name: str | None = None, trai
         training = {**(training or {}), "prior": {"model_args": prior_meta["model_args"],
                                                   "final_metrics": history[-1] if history else None}}
     return export_bundle(
-        out_dir, name=name or Path(out_dir).name, kind="vqvae", image=model.image_shape,
+        out_dir, name=name or Path(out_dir).name, kind=KIND.name, image=model.image_shape,
         latent={"grid": list(model.grid), "codebook_size": model.codebook_size, "code_dim": model.code_dim},
         likelihood=model.likelihood.to_json(), modules=modules, specs=specs,
         prior=None if prior is None else {"num_classes": num_classes, **({"cache": cache} if cache else {})},
@@ -134,3 +135,28 @@ def export_vqvae(model, run_dir: Path, out_dir, *, name: str | None = None, trai
 def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, training: dict) -> Path:
     """kind "vqvae" (see vaeinfer.kinds): a trained run's model, and the prior beside it."""
     return export_vqvae(model, run_dir, out_dir, name=name, training=training, vq_weights_sha256=meta["weights"]["sha256"])
+
+
+def variant_errors(ref, var, x, labels, nll_images: int, nll_samples: int, seed: int) -> dict:
+    """A precision variant `var` against the fp32 model `ref` (both loaded) on images `x`, for
+    `vaeinfer.export.variants.evaluate`: the codes, z_q, the decoder and the reconstruction, and
+    the prior's NLL of the codes when the bundle has a prior."""
+    from vaeinfer.export.variants import abs_errors
+
+    errors = {}
+    ca, cb = ref.encode(x), var.encode(x)
+    errors["encoder"] = {"codes_mismatch": float(np.mean(ca.codes != cb.codes)), "z_q": abs_errors(ca.z_q, cb.z_q)}
+    errors["decoder"] = {"images": abs_errors(ref.decode(ca.codes), var.decode(ca.codes))}
+    errors["reconstruction"] = abs_errors(ref.decode(ca.codes), var.decode(cb.codes))
+    if ref.info.has_prior and nll_images:
+        lab = None
+        if ref.info.num_classes:
+            lab = labels[:nll_images] if labels is not None else np.zeros(min(nll_images, len(x)), np.int64)
+        codes = ca.codes[:nll_images]
+        na, nb = ref.prior_nll(codes, label=lab), var.prior_nll(codes, label=lab)
+        errors["prior_nll"] = {"images": len(codes), "fp32": float(na.mean()), "variant": float(nb.mean()),
+                               "diff": float(nb.mean() - na.mean())}
+    return errors
+
+
+export.register(KIND.name, export_run, variant_errors)

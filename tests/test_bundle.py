@@ -17,6 +17,7 @@ import pytest
 import vaeinfer
 from vaeinfer import BundleError
 from vaeinfer import manifest as manifest_mod
+from vaeinfer.kinds.vae import vae_graphs
 
 SCHEMA_PATH = Path(vaeinfer.__file__).parent / "manifest.schema.json"
 
@@ -263,7 +264,7 @@ def test_consistent_lie_refused_by_graph_signature(bundle_copy):
     signatures are checked against the spec."""
     manifest = _read(bundle_copy)
     manifest["latent"]["dim"] = 5
-    for role, spec in vaeinfer.spec.vae_graphs((1, 20, 12), 5).items():
+    for role, spec in vae_graphs((1, 20, 12), 5).items():
         manifest["graphs"][role].update(spec.io_json())
     _write(bundle_copy, manifest)
     with pytest.raises(BundleError, match="manifest promises"):

@@ -14,7 +14,7 @@ from vaeinfer.training.pixelcnn import GatedPixelCNN
 from vaeinfer.training.pixelcnn_step import cached_logits_sweep
 from vaeinfer.prior_sampling import cached_loop, full_grid_loop
 from vaeinfer.runtime import Graph
-from vaeinfer.spec import vq_graphs
+from vaeinfer.kinds.vqvae import vq_graphs
 from vaeinfer.vqvae import draw, filter_logits
 
 K, GRID = 12, (5, 4)

@@ -15,7 +15,8 @@ from torch import nn
 
 import vaeinfer
 from vaeinfer.export.graphs import ExportError
-from vaeinfer.export.spatial_vae import export_spatial_vae, smooth_images
+from vaeinfer.export import EXPORTERS
+from vaeinfer.export.spatial_vae import export_run, export_spatial_vae, smooth_images
 from vaeinfer.export.variants import FP16_SAFE, add_variants, make_fp16
 from vaeinfer import kinds, manifest
 from vaeinfer.errors import BundleError, InputError
@@ -65,7 +66,7 @@ def bundle(tmp_path_factory):
 
 def test_registry_entry(bundle):
     kind = kinds.get("spatial-vae")
-    assert kind.runtime_class().__name__ == "SpatialVAE" and kind.export_module == "vaeinfer.export.spatial_vae"
+    assert kind.runtime_class().__name__ == "SpatialVAE" and EXPORTERS["spatial-vae"].export_run is export_run
     m = manifest.parse(json.loads((bundle / "manifest.json").read_text()))
     assert m.latent["multiple_of"] == 4 and m.latent["min_size"] == 4
     spec = m.specs()["decoder"]

@@ -13,12 +13,12 @@ that `build_model(arch, args)` rebuilds the very same network for export.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import nn
 
+from vaeinfer.kinds.vae import KIND
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.latent_prior import LOG_2PI, build_prior
 
@@ -138,7 +138,7 @@ def upsampling(widths, c_out: int, activation: str) -> list[nn.Module]:
 class VAE(nn.Module):
     """An encoder/decoder pair plus its likelihood; `loss` is the (beta-weighted) negative ELBO."""
 
-    kind = "vae"
+    kind = KIND.name  # the bundle kind it exports to
     draws_eps = True  # `loss` takes the reparameterisation noise as `eps` (data-parallel training draws it)
     loss_is_negative_elbo = True  # at beta = 1 (validation reports the ELBO)
     supports_iwae = True  # `loss` takes samples=K (the importance-weighted bound)
@@ -250,15 +250,12 @@ def _vae(builder):
 
 
 # arch name -> build(image_shape, likelihood, **constructor_args) -> a module with .loss();
-# the modules of _REGISTERED_BY add theirs when imported.
+# each architecture module adds its own when imported (see the imports at the end).
 ARCHITECTURES = {"mlp-vae": _vae(build_mlp_vae), "conv-vae": _vae(build_conv_vae)}
-_REGISTERED_BY = {"vqvae": "vaeinfer.training.vqvae", "spatial-conv-vae": "vaeinfer.training.spatial_vae"}
 
 
 def build_model(arch: str, image_shape, likelihood: Likelihood, **args) -> nn.Module:
     """Rebuild a model from its architecture name and JSON constructor arguments."""
-    if arch in _REGISTERED_BY:
-        importlib.import_module(_REGISTERED_BY[arch])
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](tuple(image_shape), likelihood, **args)
@@ -282,3 +279,6 @@ def kl_weight(step: int, warmup_steps: int, beta: float) -> float:
 
 
 __all__ = ["VAE", "build_model", "ARCHITECTURES", "latent_dim_of", "kl_weight"]
+
+
+from vaeinfer.training import spatial_vae, vqvae  # noqa: F401  (each registers its architectures)

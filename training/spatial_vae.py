@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from vaeinfer.kinds.spatial_vae import KIND
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import ARCHITECTURES, VAE, ResBlock, _act, upsampling
 
@@ -71,7 +72,7 @@ class SpatialVAE(VAE):
     """`VAE` with a spatial latent; see the module docstring for the interface and value range.
     The loss (negative ELBO, KL summed over c, h, w) is the VAE's."""
 
-    kind = "spatial-vae"
+    kind = KIND.name  # the bundle kind it exports to
     value_range = (-1.0, 1.0)
 
     def __init__(self, image_shape, likelihood: Likelihood, downsample: int = 8, latent_channels: int = 4,

@@ -95,7 +95,7 @@ def save_checkpoint(run_dir, model, optimizer, generator, config, image_shape, p
     tensors.update(opt_tensors)
     tensors["rng.train"] = generator.get_state()
     meta = {
-        "kind": getattr(model, "kind", "vae"),
+        "kind": model.kind,
         "arch": config.arch,
         "model_args": config.model_args,
         "image_shape": list(image_shape),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vaeinfer.kinds.vqvae import KIND
 from vaeinfer.training.likelihood import Likelihood
 from vaeinfer.training.models import ARCHITECTURES, ResBlock, _act, _down_size, upsampling
 from vaeinfer.training.quantizer import Quantized, VectorQuantizer
@@ -91,7 +92,7 @@ class VQVAE(nn.Module):
     See `build_vqvae` for the constructor arguments saved in checkpoints.
     """
 
-    kind = "vqvae"
+    kind = KIND.name  # the bundle kind it exports to
     draws_eps = False  # no reparameterisation noise
     loss_is_negative_elbo = False  # recon + VQ loss
     encodes_to_codes = True  # the encoder gives code grids, which a learned prior (vaeinfer.training.pixelcnn_prior) models

@@ -28,7 +28,6 @@ FORMAT = "vaeinfer-bundle"
 FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace")  # laplace: spatial-vae only (see vaeinfer.kinds)
-STEP_ROLES = ("prior_row", "prior_step")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
 
@@ -50,7 +49,7 @@ class Manifest:
     likelihood: dict  # {"kind", "scale"?}
     graphs: dict[str, GraphFile]
     variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
-    prior: dict | None  # {"num_classes": int, "cache"?: {"layers", "channels", "context"}}; VQ only
+    prior: dict | None  # parsed by the kind (Kind.parse_prior), for a kind with a prior slot; else None
     raw: dict = field(repr=False, compare=False)
 
     def specs(self) -> dict[str, GraphSpec]:
@@ -121,24 +120,18 @@ def parse(data: dict) -> Manifest:
             raise BundleError(f"manifest: expected a positive likelihood.scale, got {scale}")
         likelihood["scale"] = float(scale)
 
-    prior = prior_in = data.get("prior")
+    prior = data.get("prior")
     if prior is not None:
-        if not entry.prior_slot:
+        if entry.parse_prior is None:
             raise BundleError(f"manifest: a {kind} bundle cannot have a prior")
-        n = _get(prior, "num_classes", int, "prior")
-        if not 0 <= n <= 1 << 16:
-            raise BundleError(f"manifest: expected prior.num_classes in [0, 65536], got {n}")
-        prior = {"num_classes": n}
-        if prior_in.get("cache") is not None:  # optional (1.2): the cached sampling graphs' facts
-            cache = _get(prior_in, "cache", dict, "prior")
-            prior["cache"] = {"layers": _positive(cache, "layers", "prior.cache", 4096),
-                              "channels": _positive(cache, "channels", "prior.cache"),
-                              "context": _positive(cache, "context", "prior.cache", 64)}
-            if prior["cache"]["layers"] < 2:
-                raise BundleError(f"manifest: expected prior.cache.layers >= 2, got {prior['cache']['layers']}")
+        prior = entry.parse_prior(prior)
+    name = _get(data, "name", str, "")
+    value_range = (float(lo_hi[0]), float(lo_hi[1]))
+    # the graphs the kind's facts imply (its roles), before the manifest's graph files are read
+    roles = tuple(Manifest(name=name, kind=kind, format_version=version, image=shape, value_range=value_range,
+                           latent=latent, likelihood=likelihood, graphs={}, variants={}, prior=prior,
+                           raw=data).specs())
     graphs_in = _get(data, "graphs", dict, "")
-    roles = ("encoder", "decoder") + (("prior",) if prior is not None else ()) \
-        + (STEP_ROLES if prior is not None and "cache" in prior else ())
     if set(graphs_in) != set(roles):
         raise BundleError(f"manifest: expected graphs {sorted(roles)}, got {sorted(graphs_in)}")
     graphs = {role: _graph_file(graphs_in[role], f"graphs.{role}") for role in roles}
@@ -152,8 +145,8 @@ def parse(data: dict) -> Manifest:
         variants[precision] = {role: _graph_file(files[role], f"variants.{precision}.graphs.{role}") for role in files}
 
     latent_prior.parse_slot(data.get(latent_prior.SLOT), kind)
-    manifest = Manifest(name=_get(data, "name", str, ""), kind=kind, format_version=version, image=shape,
-                        value_range=(float(lo_hi[0]), float(lo_hi[1])), latent=latent, likelihood=likelihood,
+    manifest = Manifest(name=name, kind=kind, format_version=version, image=shape,
+                        value_range=value_range, latent=latent, likelihood=likelihood,
                         graphs=graphs, variants=variants, prior=prior, raw=data)
     _check_io(data, manifest)
     return manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vaeinfer import kinds
 from vaeinfer.errors import InputError
 
 # Acklam's coefficients: central region |p - 0.5| <= 0.475, tails beyond
@@ -71,7 +72,7 @@ def manifold(model, dims=(0, 1), size: int = 20, around=None, batch_size: int | 
     """Decoded images (size * size, C, H, W) over a size x size grid: latent dims[0] varies along
     each row (left to right), dims[1] down the columns, through norm_ppf((i + 0.5) / size); the
     other dimensions are 0, or the posterior mean of the single image `around` (1, C, H, W)."""
-    if model.info.kind != "vae":
+    if not kinds.get(model.info.kind).manifold:
         raise InputError(f"manifold: needs a VAE (a continuous latent), {model.info.name} is a {model.info.kind}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 2 <= size <= 100:
         raise InputError(f"manifold: expected a grid size in [2, 100], got {size!r}")
@@ -87,7 +88,7 @@ def traverse(model, image, dims=None, span: float = 3.0, steps: int = 9, batch_s
     """Decoded images (len(dims), steps, C, H, W): from the posterior mean of the single `image`,
     each latent dimension of `dims` (default: all) in turn set to `steps` values evenly spaced
     over [-span, span], the others kept at the mean."""
-    if model.info.kind != "vae":
+    if not kinds.get(model.info.kind).manifold:
         raise InputError(f"traverse: needs a VAE (a continuous latent), {model.info.name} is a {model.info.kind}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= 100:
         raise InputError(f"traverse: expected steps in [2, 100], got {steps!r}")

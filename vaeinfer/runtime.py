@@ -408,8 +408,7 @@ class Model:
         graphs = {}
         for role, data in graph_bytes.items():
             what = f"{self.manifest.name}/{role}"
-            # the prior runs one position at a time with growing context: no fixed-shape buckets
-            role_buckets = buckets if not role.startswith("prior") else ()
+            role_buckets = buckets if specs[role].batch_buckets else ()
             session = create_session(data, device, threads, what, cuda_graph=bool(role_buckets))
             workers = (threads or usable_cpus()) if device.kind == "cpu" else 1
 

@@ -1,4 +1,5 @@
-"""The input/output spec of every graph in a bundle, written once, as data.
+"""The input/output spec of a bundle's graphs, as data; each kind's graphs are in its module
+(vaeinfer.kinds.<kind>: `vae_graphs`, `vq_graphs`, `spatial_vae_graphs`).
 
 `export` uses it to name, shape and trace the graphs and to make its validation inputs; the
 runtime uses it to check that a bundle's manifest and its graphs agree before running anything.
@@ -33,42 +34,13 @@ class GraphSpec:
     role: str  # encoder | decoder | prior | prior_row | prior_step
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # whether load(cuda_graph=...) may capture it for fixed batch buckets (padding the batch); False
+    # for a graph whose other axes change from call to call (an autoregressive prior's growing context)
+    batch_buckets: bool = True
+    variants: bool = True  # whether precision variants (fp16, int8) are made of it; False: fp32 in every variant
 
     def io_json(self) -> dict:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
-
-
-def vae_graphs(image: tuple[int, int, int], latent_dim: int) -> dict[str, GraphSpec]:
-    """VAE: encoder x -> (mean, logvar); decoder z -> likelihood parameters."""
-    x = TensorSpec("x", "float32", (BATCH, *image))
-    return {
-        "encoder": GraphSpec("encoder", (x,), (TensorSpec("mean", "float32", (BATCH, latent_dim)),
-                                                TensorSpec("logvar", "float32", (BATCH, latent_dim)))),
-        "decoder": GraphSpec("decoder", (TensorSpec("z", "float32", (BATCH, latent_dim)),),
-                             (TensorSpec("params", "float32", (BATCH, *image)),)),
-    }
-
-
-def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int, codebook_size: int,
-              num_classes: int | None = None, cache: dict | None = None) -> dict[str, GraphSpec]:
-    """VQ-VAE: encoder x -> (codes, z_q); decoder codes -> parameters; prior codes [+ label] -> logits.
-
-    `num_classes` None: no prior graph; 0: an unconditional prior; > 0: a class-conditional one.
-    `cache` ({"layers", "channels", "context"}, with a prior only): also the prior's cached
-    sampling graphs, `prior_step_graphs`.
-    """
-    x = TensorSpec("x", "float32", (BATCH, *image))
-    codes = TensorSpec("codes", "int64", (BATCH, *grid))
-    graphs = {
-        "encoder": GraphSpec("encoder", (x,), (codes, TensorSpec("z_q", "float32", (BATCH, code_dim, *grid)))),
-        "decoder": GraphSpec("decoder", (codes,), (TensorSpec("params", "float32", (BATCH, *image)),)),
-    }
-    if num_classes is not None:
-        inputs = (codes, TensorSpec("label", "int64", (BATCH,))) if num_classes > 0 else (codes,)
-        graphs["prior"] = GraphSpec("prior", inputs, (TensorSpec("logits", "float32", (BATCH, codebook_size, *grid)),))
-        if cache is not None:
-            graphs.update(prior_step_graphs(grid, codebook_size, num_classes, cache))
-    return graphs
 
 
 def is_fixed(axis) -> bool:
@@ -97,43 +69,3 @@ def example_inputs(spec: GraphSpec, batch: int, seed: int = 0, limits: dict | No
         else:
             out.append(rng.standard_normal(shape, dtype=np.float32))
     return out
-
-
-def prior_step_graphs(grid: tuple[int, int], codebook_size: int, num_classes: int, cache: dict) -> dict[str, GraphSpec]:
-    """The PixelCNN prior's cached sampling graphs (see vaeinfer.prior_sampling), pure functions
-    whose caches travel as inputs and outputs:
-
-    prior_row, once per row: (above (N, k, W) codes of the k rows above [, label]) and
-    v_cache (N, L-1, W, k, C) -> (context (N, W, L, 2C), next_v_cache);
-    prior_step, once per position: (left (N, k) codes of the k positions to the left,
-    h_cache (N, L-1, k, C), context (N, L, 2C) of the column) -> (logits (N, K), next_h_cache).
-    A code equal to K (codebook_size) stands for "outside the grid". L = cache["layers"],
-    C = cache["channels"], k = cache["context"] (kernel // 2).
-    """
-    width, layers, channels, k = grid[1], cache["layers"], cache["channels"], cache["context"]
-    v_cache = (BATCH, layers - 1, width, k, channels)
-    h_cache = (BATCH, layers - 1, k, channels)
-    label = (TensorSpec("label", "int64", (BATCH,)),) if num_classes > 0 else ()
-    return {
-        "prior_row": GraphSpec(
-            "prior_row", (TensorSpec("above", "int64", (BATCH, k, width)), TensorSpec("v_cache", "float32", v_cache), *label),
-            (TensorSpec("context", "float32", (BATCH, width, layers, 2 * channels)),
-             TensorSpec("next_v_cache", "float32", v_cache))),
-        "prior_step": GraphSpec(
-            "prior_step", (TensorSpec("left", "int64", (BATCH, k)), TensorSpec("h_cache", "float32", h_cache),
-                           TensorSpec("context", "float32", (BATCH, layers, 2 * channels))),
-            (TensorSpec("logits", "float32", (BATCH, codebook_size)), TensorSpec("next_h_cache", "float32", h_cache))),
-    }
-
-
-def spatial_vae_graphs(channels: int, latent_channels: int, stochastic: bool = True) -> dict[str, GraphSpec]:
-    """Spatial-latent VAE (latent-diffusion autoencoders): encoder x (N, C, height, width) ->
-    mean [, logvar] (N, c, latent_height, latent_width); decoder z -> params (N, C, height, width).
-    Height and width are dynamic (multiples of the downsampling factor, see the manifest)."""
-    image = (BATCH, channels, HEIGHT, WIDTH)
-    latent = (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
-    outputs = (TensorSpec("mean", "float32", latent),) + ((TensorSpec("logvar", "float32", latent),) if stochastic else ())
-    return {
-        "encoder": GraphSpec("encoder", (TensorSpec("x", "float32", image),), outputs),
-        "decoder": GraphSpec("decoder", (TensorSpec("z", "float32", latent),), (TensorSpec("params", "float32", image),)),
-    }

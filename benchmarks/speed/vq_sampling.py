@@ -25,7 +25,7 @@ from benchmarks.harness import memory
 from benchmarks.harness import report as results
 from benchmarks.harness.cli import description
 from benchmarks.harness.timing import interleaved
-from vaeinfer.manifest import STEP_ROLES
+from vaeinfer.kinds.vqvae import STEP_ROLES
 
 
 def reference_copy(bundle: Path, into: Path) -> Path:

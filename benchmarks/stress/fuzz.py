@@ -67,7 +67,7 @@ def build_seeds(root: Path) -> list[Path]:
     from vaeinfer.training.likelihood import Likelihood
     from vaeinfer.training.models import build_model
     from vaeinfer.training.pixelcnn import GatedPixelCNN
-    from vaeinfer.spec import vq_graphs
+    from vaeinfer.kinds.vqvae import vq_graphs
 
     torch.manual_seed(0)
     root = Path(root)

@@ -14,6 +14,7 @@ import click
 from vaeinfer import precisions
 from vaeinfer.cli.common import main
 from vaeinfer.training.config import LR_SCHEDULES, TrainConfig  # no torch: the flags of `train` are its fields
+from vaeinfer.training import TRAIN_ARCHS
 
 
 def _training_side():
@@ -78,7 +79,7 @@ def _ints(text: str | None):
 
 @main.command()
 @config_options(TrainConfig)
-@click.option("--arch", type=click.Choice(["mlp-vae", "conv-vae", "vqvae"]), default="conv-vae", show_default=True)
+@click.option("--arch", type=click.Choice(TRAIN_ARCHS), default="conv-vae", show_default=True)
 @click.option("--image-size", default=None, help="Resize to H or HxW (default: the data's size).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.")
 @click.option("--latent", type=click.Choice(["flat", "spatial"]), default="flat", show_default=True,

@@ -10,7 +10,20 @@ import numpy as np
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import finite, get, positive
-from vaeinfer.spec import spatial_vae_graphs
+from vaeinfer.spec import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec
+
+
+def spatial_vae_graphs(channels: int, latent_channels: int, stochastic: bool = True) -> dict[str, GraphSpec]:
+    """Spatial-latent VAE (latent-diffusion autoencoders): encoder x (N, C, height, width) ->
+    mean [, logvar] (N, c, latent_height, latent_width); decoder z -> params (N, C, height, width).
+    Height and width are dynamic (multiples of the downsampling factor, see the manifest)."""
+    image = (BATCH, channels, HEIGHT, WIDTH)
+    latent = (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    outputs = (TensorSpec("mean", "float32", latent),) + ((TensorSpec("logvar", "float32", latent),) if stochastic else ())
+    return {
+        "encoder": GraphSpec("encoder", (TensorSpec("x", "float32", image),), outputs),
+        "decoder": GraphSpec("decoder", (TensorSpec("z", "float32", latent),), (TensorSpec("params", "float32", image),)),
+    }
 
 
 def parse_latent(latent: dict) -> dict:
@@ -52,8 +65,14 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
     return {"multiple_of": multiple, "min_size": min_size}
 
 
+def runtime_class() -> type:
+    from vaeinfer.spatial_vae import SpatialVAE
+
+    return SpatialVAE
+
+
 KIND = register(Kind(
-    name="spatial-vae", runtime="vaeinfer.spatial_vae:SpatialVAE", export_module="vaeinfer.export.spatial_vae",
+    name="spatial-vae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},

@@ -8,7 +8,64 @@ import numpy as np
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import get, positive
-from vaeinfer.spec import vq_graphs
+from vaeinfer.spec import BATCH, GraphSpec, TensorSpec
+
+
+STEP_ROLES = ("prior_row", "prior_step")  # the roles of `prior_step_graphs`
+
+
+def vq_graphs(image: tuple[int, int, int], grid: tuple[int, int], code_dim: int, codebook_size: int,
+              num_classes: int | None = None, cache: dict | None = None) -> dict[str, GraphSpec]:
+    """VQ-VAE: encoder x -> (codes, z_q); decoder codes -> parameters; prior codes [+ label] -> logits.
+
+    `num_classes` None: no prior graph; 0: an unconditional prior; > 0: a class-conditional one.
+    `cache` ({"layers", "channels", "context"}, with a prior only): also the prior's cached
+    sampling graphs, `prior_step_graphs`.
+    """
+    x = TensorSpec("x", "float32", (BATCH, *image))
+    codes = TensorSpec("codes", "int64", (BATCH, *grid))
+    graphs = {
+        "encoder": GraphSpec("encoder", (x,), (codes, TensorSpec("z_q", "float32", (BATCH, code_dim, *grid)))),
+        "decoder": GraphSpec("decoder", (codes,), (TensorSpec("params", "float32", (BATCH, *image)),)),
+    }
+    if num_classes is not None:
+        inputs = (codes, TensorSpec("label", "int64", (BATCH,))) if num_classes > 0 else (codes,)
+        graphs["prior"] = GraphSpec("prior", inputs, (TensorSpec("logits", "float32", (BATCH, codebook_size, *grid)),),
+                                    batch_buckets=False)
+        if cache is not None:
+            graphs.update(prior_step_graphs(grid, codebook_size, num_classes, cache))
+    return graphs
+
+
+def prior_step_graphs(grid: tuple[int, int], codebook_size: int, num_classes: int, cache: dict) -> dict[str, GraphSpec]:
+    """The PixelCNN prior's cached sampling graphs (see vaeinfer.prior_sampling), pure functions
+    whose caches travel as inputs and outputs:
+
+    prior_row, once per row: (above (N, k, W) codes of the k rows above [, label]) and
+    v_cache (N, L-1, W, k, C) -> (context (N, W, L, 2C), next_v_cache);
+    prior_step, once per position: (left (N, k) codes of the k positions to the left,
+    h_cache (N, L-1, k, C), context (N, L, 2C) of the column) -> (logits (N, K), next_h_cache).
+    A code equal to K (codebook_size) stands for "outside the grid". L = cache["layers"],
+    C = cache["channels"], k = cache["context"] (kernel // 2).
+    Both stay fp32 in every precision variant: small per-position matmuls where conversion casts
+    would cost more than they save.
+    """
+    width, layers, channels, k = grid[1], cache["layers"], cache["channels"], cache["context"]
+    v_cache = (BATCH, layers - 1, width, k, channels)
+    h_cache = (BATCH, layers - 1, k, channels)
+    label = (TensorSpec("label", "int64", (BATCH,)),) if num_classes > 0 else ()
+    row, step = STEP_ROLES
+    return {
+        row: GraphSpec(
+            row, (TensorSpec("above", "int64", (BATCH, k, width)), TensorSpec("v_cache", "float32", v_cache), *label),
+            (TensorSpec("context", "float32", (BATCH, width, layers, 2 * channels)),
+             TensorSpec("next_v_cache", "float32", v_cache)), batch_buckets=False, variants=False),
+        step: GraphSpec(
+            step, (TensorSpec("left", "int64", (BATCH, k)), TensorSpec("h_cache", "float32", h_cache),
+                   TensorSpec("context", "float32", (BATCH, layers, 2 * channels))),
+            (TensorSpec("logits", "float32", (BATCH, codebook_size)), TensorSpec("next_h_cache", "float32", h_cache)),
+            batch_buckets=False, variants=False),
+    }
 
 
 def parse_latent(latent: dict) -> dict:
@@ -49,8 +106,31 @@ def _limits(m) -> dict:
     return limits
 
 
+def parse_prior(prior: dict) -> dict:
+    """The `prior` slot: {"num_classes"} (0: unconditional), and with the cached sampling graphs
+    (format 1.2) "cache": {"layers", "channels", "context"}."""
+    n = get(prior, "num_classes", int, "prior")
+    if not 0 <= n <= 1 << 16:
+        raise BundleError(f"manifest: expected prior.num_classes in [0, 65536], got {n}")
+    out = {"num_classes": n}
+    if prior.get("cache") is not None:  # optional (1.2): the cached sampling graphs' facts
+        cache = get(prior, "cache", dict, "prior")
+        out["cache"] = {"layers": positive(cache, "layers", "prior.cache", 4096),
+                        "channels": positive(cache, "channels", "prior.cache"),
+                        "context": positive(cache, "context", "prior.cache", 64)}
+        if out["cache"]["layers"] < 2:
+            raise BundleError(f"manifest: expected prior.cache.layers >= 2, got {out['cache']['layers']}")
+    return out
+
+
+def runtime_class() -> type:
+    from vaeinfer.vqvae import VQVAE
+
+    return VQVAE
+
+
 KIND = register(Kind(
-    name="vqvae", runtime="vaeinfer.vqvae:VQVAE", export_module="vaeinfer.export.vqvae",
+    name="vqvae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=_limits,
-    latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), prior_slot=True,
+    latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), parse_prior=parse_prior,
 ))

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import vaeinfer
+from vaeinfer import kinds
 from vaeinfer.errors import BackendError, InputError, OutputError
 from vaeinfer.op_params import INTERPOLATE, SAMPLE, SCORE
 from vaeinfer.serve import bodies
@@ -52,6 +53,9 @@ class Op:
     inputs: tuple[str, ...]  # array names the op reads (the first is the usual one)
     run: Callable[["Served", Payload], Awaitable[tuple[dict, int | None]]]  # -> (arrays, grid nrow)
     skip: tuple[str, ...] = ()  # method parameters that are not request parameters
+    # reads a latent: the array names are the kind's latent_keys, then `inputs`; the method takes
+    # it as its first parameter (named after latent_keys[0]), not a request parameter
+    latent: bool = False
 
 
 class Served:
@@ -59,13 +63,19 @@ class Served:
 
     def __init__(self, name: str, model, config: ServeConfig, metrics: Metrics):
         self.name, self.model, self.config = name, model, config
+        self.latent_keys = kinds.get(model.info.kind).latent_keys
         self.batchers = {m: Batcher(getattr(model, m), config.max_batch, config.max_wait_ms / 1000,
                                     metrics.on_batch(name, m)) for m in BATCHED if hasattr(model, m)}
         self.ops = {op.name: op for op in OPS if hasattr(model, op.method)}
 
     def params(self, op: Op) -> set[str]:
         sig = inspect.signature(getattr(self.model, op.method)).parameters
-        return {p for p in sig if p not in op.skip and p not in ("batch_size", "progress")} | {"nrow"}
+        skip = (*op.skip, *(self.latent_keys[:1] if op.latent else ()), "batch_size", "progress")
+        return {p for p in sig if p not in skip} | {"nrow"}
+
+    def inputs(self, op: Op) -> tuple[str, ...]:
+        """The array names `op` reads from a request, in order."""
+        return (*(self.latent_keys if op.latent else ()), *op.inputs)
 
     def rows(self, payload: Payload, names: tuple[str, ...], what: str) -> np.ndarray:
         a = payload.array(names, what)
@@ -100,7 +110,7 @@ async def _encode(s: Served, p: Payload):
 
 
 async def _decode(s: Served, p: Payload):
-    return {"images": await s.batchers["decode"](s.rows(p, OPS_BY_NAME["decode"].inputs, "z"))}, p.params.get("nrow")
+    return {"images": await s.batchers["decode"](s.rows(p, s.inputs(OPS_BY_NAME["decode"]), "z"))}, p.params.get("nrow")
 
 
 async def _reconstruct(s: Served, p: Payload):
@@ -134,7 +144,7 @@ OPS = (
     Op("encode", "encode", "Encode images: a VAE's posterior (mean, logvar) or a VQ-VAE's codes (codes, z_q).",
        ("x", "images", "arr_0"), _encode, skip=("x",)),
     Op("decode", "decode", "Decode latents z (N, latent) or code grids (N, h, w) to images.",
-       ("z", "codes", "mean", "arr_0"), _decode, skip=("z", "codes")),
+       ("arr_0",), _decode, latent=True),
     Op("reconstruct", "reconstruct", "Encode then decode images.", ("x", "images", "arr_0"), _reconstruct, skip=("x",)),
     Op("score", "score", "Per-image nll / elbo / recon in nats (IWAE with `samples` importance samples).",
        ("x", "images", "arr_0"), _score, skip=("x", "index_offset")),
