@@ -115,7 +115,7 @@ def _child() -> None:
         try:
             runner.run([t.name for t in specs[role].outputs], _tiny_feeds(specs[role], manifest))
         except Exception as e:  # the backend's own exception types
-            raise BundleError(f"{what}: the backend failed to run one batch of valid input: {str(e)[:300]}") from None
+            raise BundleError(f"{what}: {device.entry.engine} failed to run one batch of valid input: {str(e)[:300]}") from None
 
 
 def main() -> int:

@@ -60,7 +60,7 @@ class Graph:
         self.device = device or fallback()
         backend = self.device.entry
         self._host_memory, self._max_batch = backend.host_memory, backend.max_batch
-        self._errors = runner.errors
+        self._errors, self._engine = runner.errors, backend.engine
         self._check_signature()
         self._output_names = [t.name for t in spec.outputs]
         self._float_outputs = [i for i, t in enumerate(spec.outputs) if t.dtype == "float32"]
@@ -197,7 +197,7 @@ class Graph:
         except VaeinferError:
             raise
         except self._errors as e:  # never let the backend's own exception types reach the app
-            raise run_error(self.what, e) from None
+            raise run_error(self.what, e, self._engine) from None
         self._check_shapes(outs, len(next(iter(feeds.values()))))
         return outs
 
@@ -238,8 +238,8 @@ class Graph:
             raise
         except self._errors as e:  # raw feeds, not validated: a shape/dtype/name the backend refuses is the caller's
             if type(e).__name__ == "InvalidArgument" or "invalid" in str(e).lower():
-                raise InputError(f"{self.what}: the backend refused the feeds: {' '.join(str(e).split())[:500]}") from None
-            raise run_error(self.what, e) from None
+                raise InputError(f"{self.what}: {self._engine} refused the feeds: {' '.join(str(e).split())[:500]}") from None
+            raise run_error(self.what, e, self._engine) from None
         if not keep_on_device:
             for i, what in self._finite_checks:
                 check_finite(outs[i], what)
@@ -294,7 +294,7 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_error(what: str, e: BaseException) -> Exception:
+def run_error(what: str, e: BaseException, engine: str = "onnxruntime") -> Exception:
     """A typed error for a backend failing to run a graph on input that passed validation:
     out of memory is the backend's (BackendError), anything else the graph's (BundleError)."""
     text = " ".join(str(e).split())[:500]
@@ -302,7 +302,7 @@ def run_error(what: str, e: BaseException) -> Exception:
     # not just "alloc": onnxruntime's messages name std::allocator in template signatures
     if isinstance(e, MemoryError) or any(k in lowered for k in ("bad_alloc", "failed to allocate", "out of memory")):
         return BackendError(f"{what}: out of memory while running the graph: {text or type(e).__name__}")
-    return BundleError(f"{what}: the backend failed to run the graph on a valid input: {type(e).__name__}: {text}")
+    return BundleError(f"{what}: {engine} failed to run the graph on a valid input: {type(e).__name__}: {text}")
 
 
 _SMALL = 1 << 16  # elements: below, one isfinite pass is cheapest (no errstate context to enter)

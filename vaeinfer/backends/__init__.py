@@ -68,6 +68,7 @@ class Backend:
     name: str  # what `backend=` and `info.backend` say: "cpu", "cuda", "tensorrt"
     device: str  # the device family it runs on, as device strings name it: "cpu" | "cuda"
     title: str  # what it is, for messages: "onnxruntime's CUDA provider"
+    engine: str  # the library that runs the graphs, for messages: "onnxruntime"
     install_hint: str  # how to get it, e.g. "install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime"
     is_available: Callable[[], bool]  # cheap: can this process make runners (no graph loaded)
     # (graph bytes, Device, *, threads, what, precision, spec, capture) -> Runner; BackendError if it

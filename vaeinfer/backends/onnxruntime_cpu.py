@@ -13,7 +13,7 @@ def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=N
 
 
 BACKEND = register(Backend(
-    name="cpu", device="cpu", title="onnxruntime's CPU provider",
+    name="cpu", device="cpu", title="onnxruntime's CPU provider", engine="onnxruntime",
     install_hint="install 'vaeinfer[cpu]' (onnxruntime)",
     is_available=lambda: session.has_provider(PROVIDER), make_runner=make_runner,
     default=True, auto=100, host_memory=True, host_threads=True, io_binding=True,

@@ -39,7 +39,7 @@ def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=N
 
 
 BACKEND = register(Backend(
-    name="cuda", device="cuda", title="onnxruntime's CUDA provider",
+    name="cuda", device="cuda", title="onnxruntime's CUDA provider", engine="onnxruntime",
     install_hint="install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime",
     is_available=lambda: session.has_provider(PROVIDER), make_runner=make_runner,
     indexed=True, default=True, auto=0, io_binding=True, graph_capture=True,

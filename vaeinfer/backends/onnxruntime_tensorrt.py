@@ -59,7 +59,7 @@ def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=N
 
 
 BACKEND = register(Backend(
-    name="tensorrt", device="cuda", title="onnxruntime's TensorRT provider",
+    name="tensorrt", device="cuda", title="onnxruntime's TensorRT provider", engine="onnxruntime",
     install_hint="install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime, and TensorRT 10 "
                  "(pip install tensorrt-cu12)",
     is_available=lambda: session.has_provider(PROVIDER), make_runner=make_runner,
