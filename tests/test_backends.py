@@ -64,7 +64,8 @@ def test_unavailable_backend_says_how_to_install(mlp, name):
 
 
 def test_tensorrt_provider_options(tmp_path, monkeypatch):
-    from vaeinfer.backends import onnxruntime_cuda, onnxruntime_tensorrt as trt
+    from vaeinfer.backends import onnxruntime_cuda
+    from vaeinfer.backends import onnxruntime_tensorrt as trt
     from vaeinfer.spec import vae_graphs
 
     decoder = vae_graphs((1, 28, 28), 16)["decoder"]
@@ -84,11 +85,14 @@ def test_tensorrt_provider_options(tmp_path, monkeypatch):
     monkeypatch.setattr(session, "create_session", lambda *a: asked.setdefault("args", a) and _Session(trt.PROVIDER))
     runner = backends.get("tensorrt").make_runner(b"graph", Device("tensorrt", 2), threads=None, what="g",
                                                     precision="fp16", spec=decoder)
-    _, _, _, _, provider, options, capture, then = asked["args"]
-    assert provider == trt.PROVIDER and not capture and runner.binding == ("cuda", 2)
-    assert then == [(onnxruntime_cuda.PROVIDER, onnxruntime_cuda.provider_options(2))]
+    _, _, _, _, providers, uncaptured = asked["args"]
+    (provider, options), cuda, cpu = providers
+    assert provider == trt.PROVIDER and uncaptured is None and runner.binding == ("cuda", 2)
+    assert cuda == (onnxruntime_cuda.PROVIDER, onnxruntime_cuda.provider_options(2)) and cpu == "CPUExecutionProvider"
+    assert options == trt.provider_options(2, "fp16", trt.engine_cache(b"graph"), decoder)
     assert Path(options["trt_engine_cache_path"]).parent == tmp_path
     assert re.fullmatch(r"[0-9a-f]{32}", Path(options["trt_engine_cache_path"]).name)
+    assert session.providers_for(Device("tensorrt", 2))[1:] == [cuda, cpu]
 
 
 class _Session:

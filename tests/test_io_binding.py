@@ -142,8 +142,9 @@ def test_cuda_runner_binds_provider_then_cpu(monkeypatch):
     asked = {}
     monkeypatch.setattr(session, "create_session", lambda *a: asked.setdefault("args", a) and _FakeSession())
     runner = Device("cuda", 3).entry.make_runner(b"", Device("cuda", 3), threads=None, what="g", capture=True)
-    _, device, _, _, provider, options, capture, then = asked["args"]
-    assert provider == CUDA and options == cuda_provider_options(3, capture=True) and capture and not then
+    _, device, _, _, providers, uncaptured = asked["args"]
+    assert providers == [(CUDA, cuda_provider_options(3, capture=True)), "CPUExecutionProvider"]
+    assert uncaptured == [(CUDA, cuda_provider_options(3)), "CPUExecutionProvider"]  # if capture fails
     assert device == Device("cuda", 3) and runner.binding == ("cuda", 3)
 
 

@@ -52,39 +52,32 @@ def session_options(threads: int | None):
     return opts
 
 
-def create_session(model: bytes, device, threads: int | None, what: str, provider: str,
-                   options: dict | None = None, capture: bool = False, then: list = ()):
-    """An InferenceSession for ONNX bytes with `provider` (and its `options`) first, then the
-    (provider, options) pairs `then`, then CPU, or BackendError / BundleError saying why not. `device` (a vaeinfer Device) names the backend
-    for messages. With capture=True, a graph that cannot be captured (some node not on the
-    provider) is created without it; `session.captured` (an attribute set here) says which.
+def create_session(model: bytes, device, threads: int | None, what: str, providers: list,
+                   uncaptured: list | None = None):
+    """An InferenceSession for ONNX bytes with `providers` (onnxruntime's list: names or (name,
+    options) pairs, the one that must bind first), or BackendError / BundleError saying why not.
+    `device` (a vaeinfer Device) names the backend in messages. `uncaptured`, given when
+    `providers` turn graph capture on: the list to retry with when the graph cannot be captured
+    (some node not on the provider); `session.captured` (an attribute set here) says which.
     """
     ort = _ort()
     entry = device.entry
+    provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if provider not in ort.get_available_providers():
         raise entry.unavailable(device, f"this onnxruntime has {ort.get_available_providers()}")
-    providers = [provider] if options is None else [(provider, options), *then, CPU]
     try:
         session = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
-        if capture and "graph" in str(e).lower():
-            return create_session(model, device, threads, what, provider, options and _uncaptured(options), then=then)
+        if uncaptured is not None and "graph" in str(e).lower():
+            return create_session(model, device, threads, what, uncaptured)
         if provider != CPU and any(k in str(e) for k in (provider.removesuffix("ExecutionProvider"), "CUDA")):
             raise BackendError(f"{what}: {entry.title} failed to start on {device}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
     if session.get_providers()[0] != provider:
         raise BackendError(f"{what}: asked for {device} ({entry.title}) but onnxruntime bound "
                            f"{session.get_providers()} (is a CUDA driver and cuDNN 9 visible to this process?)")
-    session.captured = capture
+    session.captured = uncaptured is not None
     return session
-
-
-def _uncaptured(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k not in CAPTURE_OPTIONS}
-
-
-# provider options that turn graph capture on: a backend module adds one when asked to capture
-CAPTURE_OPTIONS = ("enable_cuda_graph", "trt_cuda_graph_enable")
 
 
 def fast_run(session):
@@ -154,7 +147,7 @@ class OrtRunner:
             return binding.get_outputs()
         return binding.copy_outputs_to_cpu()
 
-    def bucket(self, size: int, inputs, outputs, graph_id: int | None) -> "OrtBucket":
+    def bucket(self, size: int, inputs, outputs, graph_id: int | None) -> OrtBucket:
         return OrtBucket(self, size, inputs, outputs, graph_id)
 
 
@@ -186,11 +179,26 @@ def _ports(args) -> list:
     return [Port(a.name, _DTYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
 
 
-def make_runner(graph: bytes, device, *, threads: int | None, what: str, provider: str,
-                options: dict | None = None, capture: bool = False, then: list = (),
-                binding: tuple[str, int] = ("cpu", 0)) -> OrtRunner:
-    """What each onnxruntime backend's `make_runner` calls with its provider and options."""
-    return OrtRunner(create_session(graph, device, threads, what, provider, options, capture, then), binding)
+class OrtBackend:
+    """An onnxruntime backend's `make_runner`: its `providers(device, capture=, precision=, spec=,
+    graph=)` list, and the device type its IO binding binds ("cpu", "cuda"; the index is the device's)."""
+
+    def __init__(self, providers, binding: str):
+        self.providers, self.binding = providers, binding
+
+    def __call__(self, graph: bytes, device, *, threads: int | None, what: str, precision: str = "fp32",
+                 spec=None, capture: bool = False) -> OrtRunner:
+        def providers(capture):
+            return self.providers(device, capture=capture, precision=precision, spec=spec, graph=graph)
+
+        session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None)
+        return OrtRunner(session, (self.binding, device.index))
+
+
+def providers_for(device, capture: bool = False) -> list:
+    """onnxruntime's providers list for a Device of an onnxruntime backend (for tools that make
+    their own sessions, e.g. benchmarks/run.py)."""
+    return device.entry.make_runner.providers(device, capture=capture)
 
 
 from vaeinfer.backends import Device, parse_device  # noqa: E402,F401  (where they lived before vaeinfer.backends)

@@ -16,14 +16,15 @@ and the pip extra its `install_hint` names.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from vaeinfer.errors import BackendError, UnknownBackendError
 
-REGISTRY: dict[str, "Backend"] = {}
+REGISTRY: dict[str, Backend] = {}
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Backend:
     precisions: tuple[str, ...] = ("fp32",)  # the bundle precisions it runs
     max_batch: int | None = None  # the most rows one call may take (larger batches run in chunks)
 
-    def unavailable(self, device: "Device | str", detail: str = "") -> BackendError:
+    def unavailable(self, device: Device | str, detail: str = "") -> BackendError:
         """The error for asking for this backend where it cannot run (`detail`: what was found instead)."""
         return BackendError(f"device {device} asked for {self.title} (backend {self.name!r}), but this process "
                             f"has none{f' ({detail})' if detail else ''}; {self.install_hint}, or use device='cpu'")
@@ -133,7 +134,7 @@ def _families() -> dict[str, bool]:
     return {b.device: b.indexed for b in REGISTRY.values()}
 
 
-def parse_device(device: "str | Device", backend: str | None = None) -> Device:
+def parse_device(device: str | Device, backend: str | None = None) -> Device:
     """The `Device` for "auto", a family ("cpu", "cuda") or "family:N", run by `backend` (default:
     the family's default backend; for "auto", the available backend of lowest `auto` rank).
     A Device is returned as it is. ValueError for a bad string, UnknownBackendError for a bad name."""

@@ -32,16 +32,14 @@ def provider_options(index: int, capture: bool = False) -> dict[str, str]:
     return opts
 
 
-def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=None, capture=False):
-    return session.make_runner(graph, device, threads=threads, what=what, provider=PROVIDER,
-                               options=provider_options(device.index, capture), capture=capture,
-                               binding=("cuda", device.index))
+def providers(device, capture=False, **_) -> list:
+    return [(PROVIDER, provider_options(device.index, capture)), session.CPU]
 
 
 BACKEND = register(Backend(
     name="cuda", device="cuda", title="onnxruntime's CUDA provider", engine="onnxruntime",
     install_hint="install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime",
-    is_available=lambda: session.has_provider(PROVIDER), make_runner=make_runner,
+    is_available=lambda: session.has_provider(PROVIDER), make_runner=session.OrtBackend(providers, "cuda"),
     indexed=True, default=True, auto=0, io_binding=True, graph_capture=True,
     precisions=("fp32", "fp16", "int8"),
 ))

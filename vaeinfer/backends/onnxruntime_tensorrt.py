@@ -48,20 +48,25 @@ def provider_options(index: int, precision: str, cache: Path, spec=None) -> dict
     return {**opts, **(profile_shapes(spec) or {})}
 
 
-def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=None, capture=False):
-    cache = cache_root() / hashlib.sha256(graph).hexdigest()[:32]
+def engine_cache(graph: bytes) -> Path:
+    """The graph's engine cache folder: its sha256 under `cache_root()`."""
+    return cache_root() / hashlib.sha256(graph).hexdigest()[:32]
+
+
+def providers(device, capture=False, precision="fp32", spec=None, graph: bytes = b"", **_) -> list:
+    """TensorRT first (its engine cache folder made here), CUDA then CPU for the nodes TensorRT
+    does not take."""
+    cache = engine_cache(graph)
     if session.has_provider(PROVIDER):
         cache.mkdir(parents=True, exist_ok=True)
-    return session.make_runner(graph, device, threads=threads, what=what, provider=PROVIDER,
-                               options=provider_options(device.index, precision, cache, spec),
-                               then=[(onnxruntime_cuda.PROVIDER, onnxruntime_cuda.provider_options(device.index))],
-                               binding=("cuda", device.index))
+    return [(PROVIDER, provider_options(device.index, precision, cache, spec)),
+            (onnxruntime_cuda.PROVIDER, onnxruntime_cuda.provider_options(device.index)), session.CPU]
 
 
 BACKEND = register(Backend(
     name="tensorrt", device="cuda", title="onnxruntime's TensorRT provider", engine="onnxruntime",
     install_hint="install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime, and TensorRT 10 "
                  "(pip install tensorrt-cu12)",
-    is_available=lambda: session.has_provider(PROVIDER), make_runner=make_runner,
+    is_available=lambda: session.has_provider(PROVIDER), make_runner=session.OrtBackend(providers, "cuda"),
     indexed=True, io_binding=True, max_batch=MAX_BATCH, precisions=("fp32", "fp16"),
 ))
