@@ -11,9 +11,10 @@ import pytest
 
 import vaeinfer
 from vaeinfer.errors import BackendError
-from vaeinfer.runtime import Graph, _buckets
-from vaeinfer.session import (CUDA, CUDA_GRAPH_BUCKETS, Device, cuda_provider_options, ort_device, parse_device,
-                              providers_for)
+from vaeinfer.backends import Device, parse_device
+from vaeinfer.backends.onnxruntime_cuda import PROVIDER as CUDA
+from vaeinfer.backends.onnxruntime_cuda import provider_options as cuda_provider_options
+from vaeinfer.runtime import CUDA_GRAPH_BUCKETS, Graph, _buckets
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _z(model, n, seed=0):
 
 def _graph(model, role="decoder", **kwargs) -> Graph:
     g = model._graphs[role]
-    return Graph(g.session, g.spec, g.what, g.device, **kwargs)
+    return Graph(g.runner, g.spec, g.what, g.device, **kwargs)
 
 
 def test_io_binding_matches_run(model, conv):
@@ -130,17 +131,33 @@ def test_cuda_provider_options():
     assert opts["cudnn_conv_algo_search"] == "HEURISTIC"  # no multi-second stall on a new batch size
     assert opts["use_tf32"] == "0"  # images within 1e-4 of the CPU's
     assert "enable_cuda_graph" not in opts
-    assert cuda_provider_options(0, cuda_graph=True)["enable_cuda_graph"] == "1"
+    assert cuda_provider_options(0, capture=True)["enable_cuda_graph"] == "1"
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in opts.items())
-    assert providers_for(Device("cpu")) == ["CPUExecutionProvider"]
-    (name, given), cpu = providers_for(Device("cuda", 2), cuda_graph=True)
-    assert name == CUDA and cpu == "CPUExecutionProvider"
-    assert given == cuda_provider_options(2, cuda_graph=True)
 
 
-def test_ort_device():
-    assert ort_device(Device("cpu")) == ("cpu", 0)
-    assert ort_device(Device("cuda", 3)) == ("cuda", 3)
+def test_cuda_runner_binds_provider_then_cpu(monkeypatch):
+    """The CUDA backend asks onnxruntime for [(CUDA, its options), CPU] and binds outputs on cuda:N."""
+    from vaeinfer import session
+
+    asked = {}
+    monkeypatch.setattr(session, "create_session", lambda *a: asked.setdefault("args", a) and _FakeSession())
+    runner = Device("cuda", 3).entry.make_runner(b"", Device("cuda", 3), threads=None, what="g", capture=True)
+    _, device, _, _, providers, uncaptured = asked["args"]
+    assert providers == [(CUDA, cuda_provider_options(3, capture=True)), "CPUExecutionProvider"]
+    assert uncaptured == [(CUDA, cuda_provider_options(3)), "CPUExecutionProvider"]  # if capture fails
+    assert device == Device("cuda", 3) and runner.binding == ("cuda", 3)
+
+
+class _FakeSession:
+    def get_providers(self):
+        return [CUDA, "CPUExecutionProvider"]
+
+    def run(self, names, feeds, options=None):
+        return []
+
+
+def test_cpu_runner_binds_host_memory(model):
+    assert model._graphs["decoder"].runner.binding == ("cpu", 0)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
@@ -169,12 +186,12 @@ def test_cuda_graph_buckets_on_gpu(conv):
 
 
 def test_fast_run_is_the_binding_and_equal(model):
-    from vaeinfer.runtime import _fast_run
+    from vaeinfer.session import fast_run as _fast_run
 
     g = model._graphs["decoder"]
-    assert g._session_run == g.session._sess.run  # the C++ binding, not the Python wrapper
+    assert _fast_run(g.session) == g.session._sess.run  # the C++ binding, not the Python wrapper
     z = _z(model, 5)
-    np.testing.assert_array_equal(g._session_run(["params"], {"z": z}, None)[0],
+    np.testing.assert_array_equal(g.runner.run(["params"], {"z": z})[0],
                                   g.session.run(["params"], {"z": z})[0])
 
     class Other:  # anything else that runs like a session keeps its own run
@@ -188,14 +205,22 @@ def test_fast_run_is_the_binding_and_equal(model):
 def test_run_bound_on_a_cuda_graph_session_skips_capture(model):
     """An IO-bound call outside the buckets must not replay a captured graph (its buffers are
     not the bucket's): it runs with annotation -1. On CPU the option is inert; check it is set."""
-    g = _graph(model, buckets=(2,), io_binding=True)
-    g.cuda_graph = True  # as on a CUDA session created with enable_cuda_graph
-    opts = g._uncaptured_options()
-    assert opts.get_run_config_entry("gpu_graph_id") == "-1"
+    from vaeinfer.session import OrtRunner
+
+    g = _graph(model)
+    session = g.session
+    session.captured = True  # as on a CUDA session created with enable_cuda_graph
+    try:
+        runner = OrtRunner(session)
+    finally:
+        del session.captured
+    g = Graph(runner, g.spec, g.what, g.device, buckets=(2,), io_binding=True)
+    assert g.cuda_graph
+    assert runner._uncaptured.get_run_config_entry("gpu_graph_id") == "-1"
     z = _z(model, 3)
     np.testing.assert_array_equal(g.run_bound({"z": z})[0], model.decode_params(z))
-    _, (_, _, _, _, bucket_opts) = g._bucket(2)
-    assert bucket_opts.get_run_config_entry("gpu_graph_id") == "1"
+    _, (_, bucket) = g._bucket(2)
+    assert bucket.options.get_run_config_entry("gpu_graph_id") == "1"
 
 
 # --- large batches on CPU: one multi-threaded call, or parallel chunks on single-threaded sessions

@@ -15,6 +15,7 @@ from vaeinfer.training.pixelcnn_step import cached_logits_sweep
 from vaeinfer.prior_sampling import cached_loop, full_grid_loop
 from vaeinfer.runtime import Graph
 from vaeinfer.kinds.vqvae import vq_graphs
+from vaeinfer.session import OrtRunner
 from vaeinfer.vqvae import draw, filter_logits
 
 K, GRID = 12, (5, 4)
@@ -49,7 +50,7 @@ def _graphs(prior: GatedPixelCNN) -> dict[str, Graph]:
         assert all(f["max_abs_err"] <= 1e-4 for f in figures.values())
         files[f"{role}.onnx"] = data
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        graphs[role] = Graph(session, specs[role], role)
+        graphs[role] = Graph(OrtRunner(session), specs[role], role)
     figures = cache_check(GRID, K, prior.num_classes, cache_facts(prior))(files)
     assert figures["max_abs_err"] <= 1e-4
     return graphs

@@ -24,7 +24,7 @@ __all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "S
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
          precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-         isolate: bool = False):
+         isolate: bool = False, backend: str | None = None):
     """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
 
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
@@ -41,6 +41,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     io_binding: run through onnxruntime's IO binding (default: on CUDA yes, on CPU no, where
         plain `run` has less per-call overhead); `model.run_graph(role, feeds, keep_on_device=True)`
         always does, and leaves the outputs on the device.
+    backend: what runs the graphs on that device (`vaeinfer.backends.names()`: "cpu", "cuda",
+        "tensorrt", ...); default: the device's own ("auto": CUDA if it binds, else CPU).
+        `info.backend` says which ran; a named backend that cannot run raises BackendError.
     isolate: for a bundle you do not trust, first open it in a child process (every session
         created, one tiny batch run); if onnxruntime crashes there, or runs past
         `vaeinfer._probe.TIMEOUT` (120 s), BundleError here instead of a dead or hung app. Costs
@@ -51,12 +54,13 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     bundle = open_bundle(model)
     if isolate:
         from vaeinfer import _probe
-        from vaeinfer.session import parse_device
+        from vaeinfer.backends import parse_device
 
-        device = parse_device(device)  # a bad device string is the caller's error, not the bundle's
+        device = parse_device(device, backend)  # a bad device string is the caller's error, not the bundle's
         bundle = bundle.pin(precision, verify)  # the probe and this process run the same bytes
-        _probe.probe(bundle, precision, "auto" if device.auto else str(device))
+        _probe.probe(bundle, precision, device)
     from vaeinfer import kinds
 
     cls = kinds.get(bundle.manifest.kind).runtime_class()
-    return cls(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding)
+    return cls(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding,
+               backend=backend)

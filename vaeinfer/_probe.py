@@ -7,7 +7,7 @@ from the same bytes in memory (so nothing on disk can change between the probe a
 A crash inside onnxruntime's parser or kernels (a segfault, an abort) then kills the child, not
 the app, and surfaces as a BundleError; so does a child that runs past `TIMEOUT` seconds.
 
-Protocol on stdin: one JSON line {"manifest", "precision", "device", "sizes": {role: bytes}},
+Protocol on stdin: one JSON line {"manifest", "precision", "device", "backend", "auto", "sizes": {role: bytes}},
 then the graphs' bytes in that order. Exit status 0: all sessions made and run; 3: a vaeinfer
 error (its class and message on stderr's last line); anything else: a failure.
 """
@@ -36,11 +36,16 @@ def command() -> list[str]:
     return [sys.executable, "-m", "vaeinfer._probe"]
 
 
-def probe(bundle, precision: str, device: str) -> None:
-    """Open `bundle`'s pinned graphs of `precision` in a child process; BundleError if it dies."""
+def probe(bundle, precision: str, device) -> None:
+    """Open `bundle`'s pinned graphs of `precision` in a child process on `device` (a
+    vaeinfer.backends.Device, or a device string); BundleError if it dies."""
+    from vaeinfer.backends import parse_device
+
+    device = parse_device(device)
     roles = list(bundle.manifest.specs())
     blobs = [bundle.pinned[precision, role] for role in roles]
-    header = {"manifest": bundle.manifest.raw, "precision": precision, "device": device,
+    header = {"manifest": bundle.manifest.raw, "precision": precision, "device": str(device),
+              "backend": device.backend, "auto": device.auto,
               "sizes": {role: len(b) for role, b in zip(roles, blobs)}}
     payload = json.dumps(header).encode() + b"\n" + b"".join(blobs)
     where = f"{bundle.path}: the isolated probe"
@@ -85,31 +90,32 @@ def _tiny_feeds(spec, manifest) -> dict[str, np.ndarray]:
 def _child() -> None:
     from vaeinfer import manifest as manifest_mod
     from vaeinfer.errors import BackendError
+    from vaeinfer.backends import Device, fallback
     from vaeinfer.runtime import Graph
-    from vaeinfer.session import Device, create_session, parse_device
 
     stream = sys.stdin.buffer
     header = json.loads(stream.readline())
     manifest = manifest_mod.parse(header["manifest"])
     specs = manifest.specs()
-    device = parse_device(header["device"])
+    device = Device(header["backend"], int(header["device"].partition(":")[2] or 0), header["auto"])
     for role, size in header["sizes"].items():
         data = stream.read(size)
         if len(data) != size:
             raise BundleError(f"probe: expected {size} bytes of {role}, got {len(data)}")
         what = f"{manifest.name}/{role}"
+        options = dict(threads=1, what=what, precision=header["precision"], spec=specs[role])
         try:
-            session = create_session(data, device, 1, what)
+            runner = device.entry.make_runner(data, device, **options)
         except BackendError:
             if not device.auto:
                 raise
-            device = Device("cpu")
-            session = create_session(data, device, 1, what)
-        Graph(session, specs[role], what)  # the signature check
+            device = fallback()
+            runner = device.entry.make_runner(data, device, **options)
+        Graph(runner, specs[role], what, device)  # the signature check
         try:
-            session.run(None, _tiny_feeds(specs[role], manifest))
-        except Exception as e:  # onnxruntime's own exception types
-            raise BundleError(f"{what}: onnxruntime failed to run one batch of valid input: {str(e)[:300]}") from None
+            runner.run([t.name for t in specs[role].outputs], _tiny_feeds(specs[role], manifest))
+        except Exception as e:  # the backend's own exception types
+            raise BundleError(f"{what}: {device.entry.engine} failed to run one batch of valid input: {str(e)[:300]}") from None
 
 
 def main() -> int:

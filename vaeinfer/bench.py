@@ -207,15 +207,15 @@ def call_for(model, op: str, batch: int, seed: int = 0):
 
 
 def session_creation_ms(model, device: str, threads: int | None) -> dict[str, float]:
-    """Milliseconds to create each graph's onnxruntime session from its (verified) bytes."""
-    from vaeinfer.session import create_session, parse_device
+    """Milliseconds to create each graph's runner (onnxruntime: its session) from its (verified) bytes."""
+    from vaeinfer.backends import parse_device
 
     out = {}
-    dev = parse_device(device)
-    for role in model.manifest.specs():
+    dev = parse_device(device, model.info.backend)
+    for role, spec in model.manifest.specs().items():
         data = model.bundle.read_graph(role, model.info.precision)
         t0 = time.perf_counter()
-        create_session(data, dev, threads, role)
+        dev.entry.make_runner(data, dev, threads=threads, what=role, precision=model.info.precision, spec=spec)
         out[role] = (time.perf_counter() - t0) * 1e3
     return out
 

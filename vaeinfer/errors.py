@@ -19,3 +19,7 @@ class OutputError(VaeinferError, RuntimeError):
 
 class BackendError(VaeinferError, RuntimeError):
     """The requested backend cannot run here (no CUDA provider, no onnxruntime, no torch)."""
+
+
+class UnknownBackendError(BackendError, ValueError):
+    """A backend name that is not registered (`vaeinfer.backends.names()` lists the known ones)."""

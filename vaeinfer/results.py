@@ -69,7 +69,8 @@ class ModelInfo:
     latent: dict
     likelihood: dict
     device: str  # what actually runs: "cpu" or "cuda:N"
-    providers: tuple[str, ...]  # the providers onnxruntime bound, in priority order
+    backend: str  # the backend that runs it (vaeinfer.backends): "cpu", "cuda", "tensorrt", ...
+    providers: tuple[str, ...]  # what the backend bound, in priority order (onnxruntime: its providers)
     precision: str
     precisions: tuple[str, ...]  # what the bundle offers
     threads: int | None

@@ -1,7 +1,9 @@
-"""What every loaded model shares: sessions per graph, signature checks, chunked runs, info.
+"""What every loaded model shares: a backend runner per graph, signature checks, chunked runs, info.
 
-A loaded model holds no mutable state after construction, and onnxruntime's `run` is
-thread-safe, so one model serves concurrent calls from many threads.
+A loaded model holds no mutable state after construction, and a runner's `run` is thread-safe
+(`vaeinfer.backends.Runner`), so one model serves concurrent calls from many threads. Which fast
+paths a graph takes (IO binding, fixed buckets, graph capture, parallel chunks) follows from its
+backend's declared capabilities, never from its name.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from vaeinfer import backends
 from vaeinfer import likelihood as lik
 from vaeinfer.bundle import Bundle
 from vaeinfer.inputs import all_finite
 from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, VaeinferError
 from vaeinfer import precisions
 from vaeinfer.results import ModelInfo
-from vaeinfer.session import CUDA_GRAPH_BUCKETS, Device, create_session, ort_device, parse_device
-from vaeinfer.spec import ORT_TYPES, GraphSpec, is_fixed
+from vaeinfer.backends import Device, fallback, parse_device
+from vaeinfer.spec import GraphSpec, is_fixed
 
-DEFAULT_BATCH = 512  # rows per onnxruntime call when the caller gives no batch_size
+# Batch sizes that get a captured device graph each when `cuda_graph=True` (a call is padded up to
+# the next bucket; larger calls run in chunks of the largest one).
+CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+DEFAULT_BATCH = 512  # rows per backend call when the caller gives no batch_size
 # CPU, several threads, a large batch: calls of PARALLEL_CHUNK rows on single-threaded sessions,
 # one per worker thread, can beat one multi-threaded call on the whole batch (small calls stay in
 # cache; no per-operator synchronisation; the operators onnxruntime runs on one thread, such as
@@ -36,20 +43,24 @@ _MARGIN = 0.93  # chunks must take at most this fraction of the single call's ti
 
 
 class Graph:
-    """One onnxruntime session plus the spec it must honour.
+    """One backend runner (`vaeinfer.backends.Runner`) plus the spec it must honour.
 
     Three ways to run a chunk, all returning the same values:
-    - `session.run` (the default on CPU: the least per-call overhead there);
-    - IO binding (`run_bound`): inputs bound from host arrays, outputs allocated by onnxruntime on
-      the session's device and, with keep_on_device=True, left there as OrtValues;
-    - fixed batch buckets (`buckets`): one IO binding per bucket size over preallocated device
-      buffers, a call padded up to the next bucket. This is what CUDA graphs need (fixed shapes,
-      fixed addresses); each bucket replays its own captured graph (run option gpu_graph_id).
+    - `runner.run` (the default on host-memory backends: the least per-call overhead there);
+    - IO binding (`run_bound`, backends with `io_binding`): inputs bound from host arrays,
+      outputs allocated by the backend on its device and, with keep_on_device=True, left there;
+    - fixed batch buckets (`buckets`, backends with `io_binding`): preallocated device buffers per
+      bucket size, a call padded up to the next bucket. This is what graph capture needs (fixed
+      shapes, fixed addresses); each bucket replays its own captured graph.
     """
 
-    def __init__(self, session, spec: GraphSpec, what: str, device: Device | None = None,
+    def __init__(self, runner, spec: GraphSpec, what: str, device: Device | None = None,
                  buckets: tuple[int, ...] = (), io_binding: bool = False, workers: int = 1, serial=None):
-        self.session, self.spec, self.what = session, spec, what
+        self.runner, self.spec, self.what = runner, spec, what
+        self.device = device or fallback()
+        backend = self.device.entry
+        self._host_memory, self._max_batch = backend.host_memory, backend.max_batch
+        self._errors, self._engine = runner.errors, backend.engine
         self._check_signature()
         self._output_names = [t.name for t in spec.outputs]
         self._float_outputs = [i for i, t in enumerate(spec.outputs) if t.dtype == "float32"]
@@ -58,13 +69,15 @@ class Graph:
         self._trailing = [tuple(t.shape[1:]) for t in spec.outputs]
         # every axis but the batch fixed: one tuple comparison per output checks its shape
         self._fixed_trailing = self._trailing if all(map(is_fixed, (d for t in self._trailing for d in t))) else None
-        self._session_run = _fast_run(session)
-        self.device = device or Device("cpu")
+        self._run = runner.run
         self.io_binding = bool(io_binding)
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         if any(b < 1 for b in self.buckets):
             raise ValueError(f"batch buckets must be positive, got {buckets}")
-        self.cuda_graph = bool(getattr(session, "cuda_graph", False)) and bool(self.buckets)
+        if (self.io_binding or self.buckets) and not backend.io_binding:
+            raise ValueError(f"{what}: io_binding and batch buckets need a backend with IO binding; "
+                             f"{backend.title} (backend {backend.name!r}) has none")
+        self.cuda_graph = bool(runner.graph_capture) and bool(self.buckets)
         self._bucket_state: dict[int, tuple] = {}
         self._bucket_locks = {b: threading.Lock() for b in self.buckets}
         self._state_lock = threading.Lock()
@@ -75,12 +88,17 @@ class Graph:
         self.mode: str | None = None if self._serial_factory else "intra"  # "intra" | "chunks", chosen by timing
         self._trials: dict[str, list[float]] = {"intra": [], "chunks": []}
 
+    @property
+    def session(self):
+        """The backend's own session object, where it has one (onnxruntime: the InferenceSession)."""
+        return getattr(self.runner, "session", None)
+
     def _check_signature(self) -> None:
         """The graph's own inputs/outputs must be exactly the ones the manifest promises."""
-        for side, actual, expected in (("inputs", self.session.get_inputs(), self.spec.inputs),
-                                       ("outputs", self.session.get_outputs(), self.spec.outputs)):
-            got = [(a.name, a.type, len(a.shape)) for a in actual]
-            want = [(t.name, ORT_TYPES[t.dtype], len(t.shape)) for t in expected]
+        for side, actual, expected in (("inputs", self.runner.inputs(), self.spec.inputs),
+                                       ("outputs", self.runner.outputs(), self.spec.outputs)):
+            got = [(a.name, a.dtype, len(a.shape)) for a in actual]
+            want = [(t.name, t.dtype, len(t.shape)) for t in expected]
             if got != want:
                 raise BundleError(f"{self.what}: the graph's {side} are {got}, the manifest promises {want}")
             for a, t in zip(actual, expected):
@@ -99,6 +117,8 @@ class Graph:
         step = batch_size or DEFAULT_BATCH
         if self.buckets:
             step = min(step, self.buckets[-1])
+        if self._max_batch:
+            step = min(step, self._max_batch)
         if self._serial_factory is not None and n >= PARALLEL_CHUNK * PARALLEL_MIN_CHUNKS * self.workers:
             outs = self._run_large(feeds, n, step, progress)
         elif n <= step and progress is None:
@@ -153,7 +173,7 @@ class Graph:
         if self._serial_run is None:
             with self._state_lock:
                 if self._serial_run is None:
-                    self._serial_run = _fast_run(self._serial_factory())
+                    self._serial_run = self._serial_factory().run
         run, starts = self._serial_run, range(0, n, size)
         futures = [_pool(self.workers).submit(self._chunk, {k: v[i:i + size] for k, v in feeds.items()}, run)
                    for i in starts]
@@ -167,17 +187,17 @@ class Graph:
     def _chunk(self, feeds: dict[str, np.ndarray], run=None) -> list[np.ndarray]:
         try:
             if run is not None:
-                outs = run(self._output_names, feeds, None)
+                outs = run(self._output_names, feeds)
             elif self.buckets:
                 outs = self._run_bucket(feeds)
             elif self.io_binding:
-                outs = self._run_bound(feeds, keep_on_device=False)
+                outs = self.runner.run_bound(self._output_names, feeds, False)
             else:
-                outs = self._session_run(self._output_names, feeds, None)
+                outs = self._run(self._output_names, feeds)
         except VaeinferError:
             raise
-        except _ort_errors() as e:  # never let onnxruntime's own exception types reach the app
-            raise run_error(self.what, e) from None
+        except self._errors as e:  # never let the backend's own exception types reach the app
+            raise run_error(self.what, e, self._engine) from None
         self._check_shapes(outs, len(next(iter(feeds.values()))))
         return outs
 
@@ -200,97 +220,56 @@ class Graph:
         """One call through IO binding, without chunking.
 
         keep_on_device=False: numpy arrays, checked for NaN/Inf like `run`. keep_on_device=True:
-        onnxruntime OrtValues on the session's device (CUDA memory on a CUDA model), for passing
-        on to another session without a round trip through the host; they are not checked here
-        (that would need the copy this avoids): `check_finite(v.numpy(), ...)` does it.
+        the backend's device values (onnxruntime: OrtValues, in CUDA memory on a CUDA model), for
+        passing on to another graph without a round trip through the host; they are not checked
+        here (that would need the copy this avoids): `check_finite(v.numpy(), ...)` does it.
+        A backend without IO binding runs host feeds through `run`, and refuses keep_on_device.
         """
+        backend = self.device.entry
+        if keep_on_device and not backend.io_binding:
+            raise ValueError(f"{self.what}: keep_on_device needs a backend with IO binding; "
+                             f"{backend.title} (backend {backend.name!r}) has none")
         try:
-            outs = self._run_bound(feeds, keep_on_device)
+            if backend.io_binding:
+                outs = self.runner.run_bound(self._output_names, feeds, keep_on_device)
+            else:
+                outs = self._run(self._output_names, feeds)
         except VaeinferError:
             raise
-        except _ort_errors() as e:  # raw feeds, not validated: a shape/dtype/name onnxruntime refuses is the caller's
+        except self._errors as e:  # raw feeds, not validated: a shape/dtype/name the backend refuses is the caller's
             if type(e).__name__ == "InvalidArgument" or "invalid" in str(e).lower():
-                raise InputError(f"{self.what}: onnxruntime refused the feeds: {' '.join(str(e).split())[:500]}") from None
-            raise run_error(self.what, e) from None
+                raise InputError(f"{self.what}: {self._engine} refused the feeds: {' '.join(str(e).split())[:500]}") from None
+            raise run_error(self.what, e, self._engine) from None
         if not keep_on_device:
             for i, what in self._finite_checks:
                 check_finite(outs[i], what)
         return outs
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], keep_on_device: bool) -> list:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if hasattr(value, "data_ptr"):  # an OrtValue, e.g. the device output of another graph
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        device_type, device_id = ort_device(self.device)
-        for name in self._output_names:
-            binding.bind_output(name, device_type, device_id)
-        binding.synchronize_inputs()
-        if self.cuda_graph:  # not a bucket's fixed buffers: run uncaptured (annotation -1), never replay
-            options = self._uncaptured_options()
-            self.session.run_with_iobinding(binding, options)
-        else:
-            self.session.run_with_iobinding(binding)
-        if keep_on_device:
-            return binding.get_outputs()
-        return binding.copy_outputs_to_cpu()
-
-    def _uncaptured_options(self):
-        from vaeinfer.session import _ort
-
-        options = _ort().RunOptions()
-        options.add_run_config_entry("gpu_graph_id", "-1")
-        return options
-
     def _bucket(self, rows: int) -> tuple:
-        """(lock, binding, input OrtValues, output OrtValues, run options) of the smallest bucket
-        that holds `rows`; made on first use, then reused, so that addresses stay fixed."""
+        """(size, (lock, the runner's Bucket)) of the smallest bucket that holds `rows`; made on
+        first use, then reused, so that addresses stay fixed."""
         size = next(b for b in self.buckets if b >= rows)
         state = self._bucket_state.get(size)
         if state is None:
             with self._state_lock:
                 state = self._bucket_state.get(size)
                 if state is None:
-                    state = self._bucket_state[size] = self._make_bucket(size)
+                    # one captured graph per bucket; ids are the bucket's index + 1 (0 is the default graph)
+                    graph_id = self.buckets.index(size) + 1 if self.cuda_graph else None
+                    bucket = self.runner.bucket(size, self.spec.inputs, self.spec.outputs, graph_id)
+                    state = self._bucket_state[size] = (self._bucket_locks[size], bucket)
         return size, state
-
-    def _make_bucket(self, size: int) -> tuple:
-        from vaeinfer.session import _ort
-
-        ort = _ort()
-        device_type, device_id = ort_device(self.device)
-        np_types = {"float32": np.float32, "int64": np.int64}
-        binding = self.session.io_binding()
-        ins, outs = {}, []
-        for t in self.spec.inputs:
-            v = ort.OrtValue.ortvalue_from_shape_and_type([size, *t.shape[1:]], np_types[t.dtype], device_type, device_id)
-            binding.bind_ortvalue_input(t.name, v)
-            ins[t.name] = v
-        for t in self.spec.outputs:
-            v = ort.OrtValue.ortvalue_from_shape_and_type([size, *t.shape[1:]], np_types[t.dtype], device_type, device_id)
-            binding.bind_ortvalue_output(t.name, v)
-            outs.append(v)
-        options = ort.RunOptions()
-        if self.cuda_graph:
-            # one captured graph per bucket; ids are the bucket's index (0 is the default graph)
-            options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(size) + 1))
-        return self._bucket_locks[size], binding, ins, outs, options
 
     def _run_bucket(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         rows = len(next(iter(feeds.values())))
-        size, (lock, binding, ins, outs, options) = self._bucket(rows)
+        size, (lock, bucket) = self._bucket(rows)
         with lock:  # the bucket's buffers are shared: one call at a time per bucket
-            for name, value in feeds.items():
-                if rows < size:  # pad with copies of the first row: valid input for any graph
-                    value = np.concatenate([value, np.repeat(value[:1], size - rows, axis=0)])
-                ins[name].update_inplace(np.ascontiguousarray(value))
-            self.session.run_with_iobinding(binding, options)
-            # a CPU OrtValue's numpy() is a view of the bucket's buffer (the next call overwrites
-            # it): copy; a CUDA one's is already a fresh host copy
-            copy = self.device.kind == "cpu"
-            return [v.numpy()[:rows].copy() if copy else v.numpy()[:rows] for v in outs]
+            if rows < size:  # pad with copies of the first row: valid input for any graph
+                feeds = {k: np.concatenate([v, np.repeat(v[:1], size - rows, axis=0)]) for k, v in feeds.items()}
+            outs = bucket.run(feeds)
+            # in host memory the outputs are views of the bucket's buffers (the next call
+            # overwrites them): copy; a device backend's are already fresh host copies
+            return [v[:rows].copy() for v in outs] if self._host_memory else [v[:rows] for v in outs]
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -315,40 +294,15 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-_ORT_ERRORS: tuple = ()
-
-
-def _ort_errors() -> tuple:
-    """onnxruntime's exception classes (plain Exception subclasses), plus RuntimeError (what its
-    IO binding raises) and MemoryError."""
-    global _ORT_ERRORS
-    if not _ORT_ERRORS:
-        from vaeinfer.session import _ort
-
-        state = vars(_ort().capi.onnxruntime_pybind11_state).values()
-        _ORT_ERRORS = (MemoryError, RuntimeError, *(v for v in state if isinstance(v, type) and issubclass(v, Exception)))
-    return _ORT_ERRORS
-
-
-def run_error(what: str, e: BaseException) -> Exception:
-    """A typed error for onnxruntime failing to run a graph on input that passed validation:
+def run_error(what: str, e: BaseException, engine: str = "onnxruntime") -> Exception:
+    """A typed error for a backend failing to run a graph on input that passed validation:
     out of memory is the backend's (BackendError), anything else the graph's (BundleError)."""
     text = " ".join(str(e).split())[:500]
     lowered = text.lower()
     # not just "alloc": onnxruntime's messages name std::allocator in template signatures
     if isinstance(e, MemoryError) or any(k in lowered for k in ("bad_alloc", "failed to allocate", "out of memory")):
         return BackendError(f"{what}: out of memory while running the graph: {text or type(e).__name__}")
-    return BundleError(f"{what}: onnxruntime failed to run the graph on a valid input: {type(e).__name__}: {text}")
-
-
-def _fast_run(session):
-    """The session's run(output_names, feeds, run_options). For an onnxruntime InferenceSession,
-    its C++ binding's own run: the Python wrapper's per-call checks (feed names, OrtValue
-    ownership, a silent fallback to CPU when the CUDA provider fails) are redundant after
-    vaeinfer's validation or against its rules, and cost about 6 us a call."""
-    inner = getattr(session, "_sess", None) if type(session).__module__.startswith("onnxruntime") else None
-    run = getattr(inner, "run", None)
-    return run if callable(run) else session.run
+    return BundleError(f"{what}: {engine} failed to run the graph on a valid input: {type(e).__name__}: {text}")
 
 
 _SMALL = 1 << 16  # elements: below, one isfinite pass is cheapest (no errstate context to enter)
@@ -369,31 +323,34 @@ def check_finite(a: np.ndarray, what: str) -> None:
 
 
 class Model:
-    """A loaded bundle: one `Graph` per role, all on one device."""
+    """A loaded bundle: one `Graph` per role, all on one device, run by one backend."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
-                 precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None):
+                 precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
+                 backend: str | None = None):
         precisions.get(precision)  # UnknownPrecision (a ValueError) naming the known ones
         self.bundle, self.manifest = bundle, bundle.manifest
-        dev = parse_device(device)
+        dev = parse_device(device, backend)
         buckets = _buckets(cuda_graph)
-        if buckets and str(device).strip().lower() == "cpu":
-            raise ValueError("cuda_graph needs device 'cuda' (or 'auto' on a machine with CUDA); got device 'cpu'")
-        if dev.kind == "cpu":  # "auto" without CUDA: no CUDA graphs to capture, no padding
-            buckets = ()
+        if buckets and not dev.entry.graph_capture:
+            if str(device).strip().lower() != "auto":
+                capture = [b.name for b in backends.REGISTRY.values() if b.graph_capture]
+                raise ValueError(f"cuda_graph needs a backend that captures graphs ({capture}); "
+                                 f"got device {str(device)!r}, backend {dev.backend!r}")
+            buckets = ()  # "auto" on a machine without one: no graphs to capture, no padding
         graph_bytes = {role: bundle.read_graph(role, precision, verify) for role in self.manifest.specs()}
         try:
-            self._graphs = self._sessions(graph_bytes, dev, threads, buckets, io_binding)
+            self._graphs = self._sessions(graph_bytes, dev, threads, precision, buckets, io_binding)
         except BackendError:
             if not dev.auto:
                 raise
-            dev = Device("cpu")
-            self._graphs = self._sessions(graph_bytes, dev, threads, (), io_binding)
+            dev = fallback()
+            self._graphs = self._sessions(graph_bytes, dev, threads, precision, (), io_binding)
         m = self.manifest
         self.info = ModelInfo(
             name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
-            providers=tuple(next(iter(self._graphs.values())).session.get_providers()), precision=precision,
+            backend=dev.backend, providers=next(iter(self._graphs.values())).runner.providers, precision=precision,
             precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for f in m.files(precision).values()}, path=str(bundle.path),
@@ -401,21 +358,26 @@ class Model:
             if all(g.cuda_graph for g in self._graphs.values()) else (),
         )
 
-    def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, buckets=(),
-                  io_binding: bool | None = None) -> dict[str, Graph]:
-        specs = self.manifest.specs()
-        bound = device.kind == "cuda" if io_binding is None else bool(io_binding)
+    def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, precision: str = "fp32",
+                  buckets=(), io_binding: bool | None = None) -> dict[str, Graph]:
+        backend, specs = device.entry, self.manifest.specs()
+        if precision not in backend.precisions:
+            raise BackendError(f"{backend.title} (backend {backend.name!r}) runs precisions {backend.precisions}, "
+                               f"not {precision!r}")
+        # by default, IO binding where outputs live on the device (on the host, plain runs cost less)
+        bound = backend.io_binding and not backend.host_memory if io_binding is None else bool(io_binding)
+        workers = (threads or usable_cpus()) if backend.host_threads else 1
         graphs = {}
         for role, data in graph_bytes.items():
-            what = f"{self.manifest.name}/{role}"
-            role_buckets = buckets if specs[role].batch_buckets else ()
-            session = create_session(data, device, threads, what, cuda_graph=bool(role_buckets))
-            workers = (threads or usable_cpus()) if device.kind == "cpu" else 1
+            what, spec = f"{self.manifest.name}/{role}", specs[role]
+            role_buckets = buckets if spec.batch_buckets else ()
+            runner = backend.make_runner(data, device, threads=threads, what=what, precision=precision, spec=spec,
+                                         capture=bool(role_buckets))
 
-            def serial(data=data, what=what):
-                return create_session(data, device, 1, what)
+            def serial(data=data, what=what, spec=spec):
+                return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec)
 
-            graphs[role] = Graph(session, specs[role], what, device, role_buckets, bound, workers, serial)
+            graphs[role] = Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
         return graphs
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
@@ -437,9 +399,10 @@ class Model:
 
     def run_graph(self, role: str, feeds: dict, keep_on_device: bool = False) -> list:
         """Run one of the bundle's graphs ("encoder", "decoder", "prior") on raw feeds through IO
-        binding; with keep_on_device=True the outputs stay on the model's device as onnxruntime
-        OrtValues (see `Graph.run_bound`). Feeds are the graph's inputs by name (the manifest's
-        `graphs.<role>.inputs`), float32/int64 arrays or OrtValues; they are not validated here."""
+        binding; with keep_on_device=True the outputs stay on the model's device as the backend's
+        values (onnxruntime: OrtValues; see `Graph.run_bound`). Feeds are the graph's inputs by name
+        (the manifest's `graphs.<role>.inputs`), float32/int64 arrays or such values; they are not
+        validated here."""
         return self.graph(role).run_bound(feeds, keep_on_device)
 
     def _images_from_params(self, params: np.ndarray) -> np.ndarray:

@@ -1,20 +1,22 @@
-"""onnxruntime sessions behind one small factory: device -> providers, options, creation.
+"""onnxruntime, shared by the onnxruntime backends (vaeinfer/backends/onnxruntime_*.py): session
+options, session creation and the `OrtRunner` the runtime calls.
 
-`device="auto"` picks CUDA only when a session really binds the CUDA provider; an explicit
-"cuda" / "cuda:N" that cannot be honoured raises BackendError. onnxruntime itself would fall back
-to CPU silently, which is why the bound providers are checked after creation.
+A backend module says which provider it binds and with which options; everything else is here.
+onnxruntime itself would fall back to CPU silently when the asked provider fails to start, which
+is why the bound providers are checked after creation: an explicit device that cannot be honoured
+raises BackendError.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Callable
+import numpy as np
 
 from vaeinfer.errors import BackendError, BundleError
+from vaeinfer.spec import ORT_TYPES
 
 CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+_DTYPES = {v: k for k, v in ORT_TYPES.items()}  # "tensor(float)" -> "float32"
+_NUMPY = {"float32": np.float32, "int64": np.int64}
 
 
 def _ort():
@@ -26,93 +28,12 @@ def _ort():
     return onnxruntime
 
 
-@dataclass(frozen=True)
-class Device:
-    """Where a model runs, parsed once from the user's string (`parse_device`) and passed around."""
-
-    kind: str  # a key of PROVIDERS: "cpu" | "cuda"
-    index: int = 0
-    auto: bool = False  # chosen by "auto": fall back to CPU instead of raising
-
-    def __str__(self):
-        return "cpu" if self.kind == "cpu" else f"{self.kind}:{self.index}"
-
-    @property
-    def provider(self) -> "Provider":
-        return PROVIDERS[self.kind]
-
-
-def parse_device(device: str | Device) -> Device:
-    """The `Device` for "auto", "cpu", "cuda" or "cuda:N" (a Device is returned as it is)."""
-    if isinstance(device, Device):
-        return device
-    accelerators = [k for k in PROVIDERS if k != "cpu"]
-    m = re.fullmatch(rf"(auto|cpu|{'|'.join(accelerators)})(?::(\d+))?", str(device).strip().lower())
-    if not m or (m[2] is not None and m[1] not in accelerators):
-        named = ", ".join(f"'{k}' or '{k}:N'" for k in accelerators)
-        raise ValueError(f"device must be 'auto', 'cpu', {named}, got {device!r}")
-    if m[1] == "auto":
-        available = _ort().get_available_providers()
-        first = next((k for k in accelerators if PROVIDERS[k].name in available), None)
-        return Device(first, 0, auto=True) if first else Device("cpu")
-    return Device(m[1], int(m[2] or 0))
-
-
-# Batch sizes that get a captured CUDA graph each when `cuda_graph=True` (a call is padded up to
-# the next bucket; larger calls run in chunks of the largest one).
-CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def cuda_provider_options(index: int, cuda_graph: bool = False) -> dict[str, str]:
-    """CUDA provider options: the one place where they are chosen.
-
-    - cudnn_conv_algo_search HEURISTIC: EXHAUSTIVE (onnxruntime's default) benchmarks every
-      algorithm the first time each input shape is seen, a multi-second stall on every new
-      batch size; the heuristic choice costs nothing and is within a few percent here.
-    - use_tf32 0: TF32 convolutions/matmuls would break the promise that VAE images agree
-      within 1e-4 across providers.
-    - enable_cuda_graph: replay captured CUDA graphs (fixed shapes, IO-bound buffers; see
-      `Graph` in runtime.py); only when asked, since it needs every node on the CUDA provider.
-    Values are strings: onnxruntime parses provider options from text.
-    """
-    opts = {
-        "device_id": str(int(index)),
-        "cudnn_conv_algo_search": "HEURISTIC",
-        "do_copy_in_default_stream": "1",
-        "arena_extend_strategy": "kSameAsRequested",
-        "use_tf32": "0",
-    }
-    if cuda_graph:
-        opts["enable_cuda_graph"] = "1"
-    return opts
-
-
-@dataclass(frozen=True)
-class Provider:
-    """One execution provider: what a device kind needs from onnxruntime."""
-
-    name: str  # onnxruntime's provider name
-    options: Callable[[int, bool], dict] | None  # (device index, cuda_graph) -> provider options
-    binding: str  # IO binding / OrtValue device type
-
-
-# device kind -> provider; a new execution provider is one entry here ("auto" tries them in order)
-PROVIDERS = {
-    "cpu": Provider(CPU, None, "cpu"),
-    "cuda": Provider(CUDA, cuda_provider_options, "cuda"),
-}
-
-
-def providers_for(device: Device, cuda_graph: bool = False) -> list:
-    p = device.provider
-    if p.options is None:
-        return [p.name]
-    return [(p.name, p.options(device.index, cuda_graph)), CPU]
-
-
-def ort_device(device: Device) -> tuple[str, int]:
-    """(device_type, device_id) as onnxruntime's IO binding and OrtValue take them."""
-    return device.provider.binding, 0 if device.kind == "cpu" else device.index
+def has_provider(name: str) -> bool:
+    """Whether this onnxruntime offers the provider `name` (False without onnxruntime)."""
+    try:
+        return name in _ort().get_available_providers()
+    except BackendError:
+        return False
 
 
 def session_options(threads: int | None):
@@ -131,29 +52,153 @@ def session_options(threads: int | None):
     return opts
 
 
-def create_session(model: bytes, device: Device, threads: int | None, what: str, cuda_graph: bool = False):
-    """An InferenceSession for ONNX bytes on `device`, or BackendError / BundleError saying why not.
-
-    With cuda_graph=True on CUDA, a graph that cannot be captured (some node not on the CUDA
-    provider) is created without it; `session.cuda_graph` (an attribute set here) says which.
+def create_session(model: bytes, device, threads: int | None, what: str, providers: list,
+                   uncaptured: list | None = None):
+    """An InferenceSession for ONNX bytes with `providers` (onnxruntime's list: names or (name,
+    options) pairs, the one that must bind first), or BackendError / BundleError saying why not.
+    `device` (a vaeinfer Device) names the backend in messages. `uncaptured`, given when
+    `providers` turn graph capture on: the list to retry with when the graph cannot be captured
+    (some node not on the provider); `session.captured` (an attribute set here) says which.
     """
     ort = _ort()
-    if device.provider.name not in ort.get_available_providers():
-        raise BackendError(f"device {device} asked for, but this onnxruntime has no CUDA provider "
-                           f"(available: {ort.get_available_providers()}); install 'vaeinfer[gpu]' "
-                           "(onnxruntime-gpu) without onnxruntime, or use device='cpu'")
-    cuda_graph = bool(cuda_graph) and device.kind == "cuda"
+    entry = device.entry
+    provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if provider not in ort.get_available_providers():
+        raise entry.unavailable(device, f"this onnxruntime has {ort.get_available_providers()}")
     try:
-        session = ort.InferenceSession(model, sess_options=session_options(threads),
-                                       providers=providers_for(device, cuda_graph))
+        session = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
-        if cuda_graph and "graph" in str(e).lower():
-            return create_session(model, device, threads, what, cuda_graph=False)
-        if device.kind == "cuda" and "CUDA" in str(e):
-            raise BackendError(f"{what}: the CUDA provider failed to start on cuda:{device.index}: {e}") from None
+        if uncaptured is not None and "graph" in str(e).lower():
+            return create_session(model, device, threads, what, uncaptured)
+        if provider != CPU and any(k in str(e) for k in (provider.removesuffix("ExecutionProvider"), "CUDA")):
+            raise BackendError(f"{what}: {entry.title} failed to start on {device}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
-    if session.get_providers()[0] != device.provider.name:
-        raise BackendError(f"{what}: asked for {device} but onnxruntime bound {session.get_providers()} "
-                           "(is a CUDA driver and cuDNN 9 visible to this process?)")
-    session.cuda_graph = cuda_graph
+    if session.get_providers()[0] != provider:
+        raise BackendError(f"{what}: asked for {device} ({entry.title}) but onnxruntime bound "
+                           f"{session.get_providers()} (is a CUDA driver and cuDNN 9 visible to this process?)")
+    session.captured = uncaptured is not None
     return session
+
+
+def fast_run(session):
+    """The session's run(output_names, feeds, run_options). For an onnxruntime InferenceSession,
+    its C++ binding's own run: the Python wrapper's per-call checks (feed names, OrtValue
+    ownership, a silent fallback to CPU when the CUDA provider fails) are redundant after
+    vaeinfer's validation or against its rules, and cost about 6 us a call."""
+    inner = getattr(session, "_sess", None) if type(session).__module__.startswith("onnxruntime") else None
+    run = getattr(inner, "run", None)
+    return run if callable(run) else session.run
+
+
+_ORT_ERRORS: tuple = ()
+
+
+def ort_errors() -> tuple:
+    """onnxruntime's exception classes (plain Exception subclasses), plus RuntimeError (what its
+    IO binding raises) and MemoryError."""
+    global _ORT_ERRORS
+    if not _ORT_ERRORS:
+        state = vars(_ort().capi.onnxruntime_pybind11_state).values()
+        _ORT_ERRORS = (MemoryError, RuntimeError, *(v for v in state if isinstance(v, type) and issubclass(v, Exception)))
+    return _ORT_ERRORS
+
+
+class OrtRunner:
+    """A `vaeinfer.backends.Runner` over an onnxruntime InferenceSession (IO binding included).
+
+    binding: the (device_type, device_id) that IO binding and OrtValues take ("cpu", 0; "cuda", N).
+    """
+
+    def __init__(self, session, binding: tuple[str, int] = ("cpu", 0)):
+        self.session, self.binding = session, binding
+        self.providers = tuple(session.get_providers())
+        self.graph_capture = bool(getattr(session, "captured", False))
+        self.errors = ort_errors()
+        self._uncaptured = self.run_options(-1) if self.graph_capture else None
+        run = fast_run(session)
+        self.run = lambda names, feeds: run(names, feeds, None)
+
+    def inputs(self):
+        return _ports(self.session.get_inputs())
+
+    def outputs(self):
+        return _ports(self.session.get_outputs())
+
+    def run_options(self, graph_id: int | None = None):
+        """Run options; with graph capture, `graph_id` names the captured graph (-1: run uncaptured)."""
+        options = _ort().RunOptions()
+        if self.graph_capture and graph_id is not None:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def run_bound(self, names: list[str], feeds: dict, keep_on_device: bool) -> list:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if hasattr(value, "data_ptr"):  # an OrtValue, e.g. the device output of another graph
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in names:
+            binding.bind_output(name, *self.binding)
+        binding.synchronize_inputs()
+        # not a bucket's fixed buffers: never replay a captured graph (annotation -1)
+        self.session.run_with_iobinding(binding, self._uncaptured)
+        if keep_on_device:
+            return binding.get_outputs()
+        return binding.copy_outputs_to_cpu()
+
+    def bucket(self, size: int, inputs, outputs, graph_id: int | None) -> OrtBucket:
+        return OrtBucket(self, size, inputs, outputs, graph_id)
+
+
+class OrtBucket:
+    """Preallocated OrtValues for `size` rows, bound once, so that addresses stay fixed."""
+
+    def __init__(self, runner: OrtRunner, size: int, inputs, outputs, graph_id: int | None):
+        new = _ort().OrtValue.ortvalue_from_shape_and_type
+        self.session, self.binding = runner.session, runner.session.io_binding()
+        self.inputs = {t.name: new([size, *t.shape[1:]], _NUMPY[t.dtype], *runner.binding) for t in inputs}
+        self.outputs = [new([size, *t.shape[1:]], _NUMPY[t.dtype], *runner.binding) for t in outputs]
+        for name, v in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, v)
+        for t, v in zip(outputs, self.outputs):
+            self.binding.bind_ortvalue_output(t.name, v)
+        self.options = runner.run_options(graph_id)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(value))
+        self.session.run_with_iobinding(self.binding, self.options)
+        # a CPU OrtValue's numpy() is a view of the buffer, a CUDA one's a fresh host copy
+        return [v.numpy() for v in self.outputs]
+
+
+def _ports(args) -> list:
+    from vaeinfer.backends import Port
+
+    return [Port(a.name, _DTYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
+
+
+class OrtBackend:
+    """An onnxruntime backend's `make_runner`: its `providers(device, capture=, precision=, spec=,
+    graph=)` list, and the device type its IO binding binds ("cpu", "cuda"; the index is the device's)."""
+
+    def __init__(self, providers, binding: str):
+        self.providers, self.binding = providers, binding
+
+    def __call__(self, graph: bytes, device, *, threads: int | None, what: str, precision: str = "fp32",
+                 spec=None, capture: bool = False) -> OrtRunner:
+        def providers(capture):
+            return self.providers(device, capture=capture, precision=precision, spec=spec, graph=graph)
+
+        session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None)
+        return OrtRunner(session, (self.binding, device.index))
+
+
+def providers_for(device, capture: bool = False) -> list:
+    """onnxruntime's providers list for a Device of an onnxruntime backend (for tools that make
+    their own sessions, e.g. benchmarks/run.py)."""
+    return device.entry.make_runner.providers(device, capture=capture)
+
+
+from vaeinfer.backends import Device, parse_device  # noqa: E402,F401  (where they lived before vaeinfer.backends)

@@ -87,7 +87,7 @@ def matmul_peak(threads: int, torch_mod=None, n: int = PEAK_N, device: str = "cp
     model.ir_version = 10
     dev = parse_device(device)
     sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=providers_for(dev))
-    if dev.kind == "cuda":
+    if dev.backend == "cuda":
         binding = sess.io_binding()
         binding.bind_ortvalue_input("A", ort.OrtValue.ortvalue_from_numpy(a, "cuda", dev.index))
         binding.bind_output("C", "cuda", dev.index)
@@ -99,10 +99,10 @@ def matmul_peak(threads: int, torch_mod=None, n: int = PEAK_N, device: str = "cp
     else:
         out = {"n": n, "onnxruntime": best(lambda: sess.run(None, {"A": a}))}
         out["numpy"] = best(lambda: a @ b)
-    if torch_mod is not None and (dev.kind == "cpu" or torch_mod.cuda.is_available()):
-        where = "cpu" if dev.kind == "cpu" else f"cuda:{dev.index}"
+    if torch_mod is not None and (dev.backend == "cpu" or torch_mod.cuda.is_available()):
+        where = "cpu" if dev.backend == "cpu" else f"cuda:{dev.index}"
         ta, tb = torch_mod.from_numpy(a).to(where), torch_mod.from_numpy(b).to(where)
-        sync = torch_mod.cuda.synchronize if dev.kind == "cuda" else (lambda: None)
+        sync = torch_mod.cuda.synchronize if dev.backend == "cuda" else (lambda: None)
         out["torch"] = best(lambda: (ta @ tb, sync()))
     out["peak_gflops"] = max(v for k, v in out.items() if k != "n")
     out["peak_from"] = max((k for k in out if k not in ("n", "peak_gflops")), key=lambda k: out[k])
@@ -200,7 +200,7 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
            for role, data in graphs.items()}
     default_opts = ort.SessionOptions()
     default_opts.intra_op_num_threads = threads
-    default_providers = ["CPUExecutionProvider"] if dev.kind == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    default_providers = ["CPUExecutionProvider"] if dev.backend == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raw_default = {role: ort.InferenceSession(data, default_opts, providers=default_providers)
                    for role, data in graphs.items()}
     likelihood, value_range = m.manifest.likelihood, m.manifest.value_range
@@ -212,11 +212,11 @@ def bench_model(name: str, batches, threads: int, min_time: float, use_torch: bo
 
         torch_mod.set_num_threads(threads)
         module, source = torch_model(name, manifest)
-        if dev.kind == "cuda" and not torch_mod.cuda.is_available():
+        if dev.backend == "cuda" and not torch_mod.cuda.is_available():
             log("  (this torch has no CUDA: PyTorch columns omitted)")
             module = None
     runners_torch = {}
-    where = "cpu" if dev.kind == "cpu" else f"cuda:{dev.index}"
+    where = "cpu" if dev.backend == "cpu" else f"cuda:{dev.index}"
     if module is not None:
         def torch_post(p):
             if kind != "vqvae":
@@ -551,7 +551,7 @@ def main(argv=None) -> dict:
         import torch as torch_mod
 
         torch_mod.set_num_threads(threads)
-    stem = "cpu" if parse_device(args.device).kind == "cpu" else "gpu"
+    stem = "cpu" if parse_device(args.device).backend == "cpu" else "gpu"
     if stem == "gpu" and "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit(f"--device {args.device}: this onnxruntime has no CUDA provider "
                  f"({ort.get_available_providers()}); install onnxruntime-gpu (and no onnxruntime)")
