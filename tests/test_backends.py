@@ -66,7 +66,7 @@ def test_unavailable_backend_says_how_to_install(mlp, name):
 def test_tensorrt_provider_options(tmp_path, monkeypatch):
     from vaeinfer.backends import onnxruntime_cuda
     from vaeinfer.backends import onnxruntime_tensorrt as trt
-    from vaeinfer.spec import vae_graphs
+    from vaeinfer.kinds.vae import vae_graphs
 
     decoder = vae_graphs((1, 28, 28), 16)["decoder"]
     opts = trt.provider_options(1, "fp16", tmp_path, decoder)
