@@ -39,15 +39,8 @@ from benchmarks.harness import report as results
 from benchmarks.harness.cli import description, int_list
 from benchmarks.harness.machine import cpu_seconds, others_since
 from benchmarks.harness.timing import interleaved, stats
-
-SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
-                 sample_size=512, scaling_factor=0.18215)
-QUICK_KL = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                sample_size=32)
-QUICK_TINY = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+from benchmarks.speed.diffusers_models import FAMILIES, build
+from benchmarks.speed.diffusers_models import module as diffusers_module
 
 
 def log(msg: str) -> None:
@@ -114,15 +107,12 @@ def fp16_ranges(quick: bool) -> dict:
     from smooth synthetic images, and N(0, I) / scaling_factor), in PyTorch fp32 (forward hooks):
     where fp16 (max 65504) would overflow. The same weights as the timing run."""
     import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny
 
     from vaeinfer.export.spatial_vae import smooth_images
 
     out = {}
-    for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
-                                 ("AutoencoderTiny (TAESD)", AutoencoderTiny, QUICK_TINY if quick else {}, 64 if quick else 512)):
-        torch.manual_seed(0)
-        vae = cls(**cfg).eval()
+    for key, size in (("kl", 32 if quick else 256), ("taesd", 64 if quick else 512)):
+        name, vae = FAMILIES[key][0], diffusers_module(key, quick)
         top: dict[str, float] = {}
 
         def hook(mod, _inp, output, name=None):
@@ -149,26 +139,11 @@ def fp16_ranges(quick: bool) -> dict:
 
 
 def make_models(quick: bool, tmp: Path, threads: int):
-    import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny
-
-    from vaeinfer.export.diffusers import from_diffusers
-
     out = {}
-    for name, cls, cfg, size in (("AutoencoderKL (SD)", AutoencoderKL, QUICK_KL if quick else SD_CONFIG, 32 if quick else 256),
-                                 ("AutoencoderTiny (TAESD)", AutoencoderTiny, QUICK_TINY if quick else {},
-                                  64 if quick else 512)):
-        torch.manual_seed(0)
-        module = cls(**cfg).eval()
-        src = tmp / name.split()[0]
-        module.save_pretrained(src)
-        log(f"{name}: export + validation against diffusers, int8 variant")
-        t0 = time.perf_counter()
-        v = 16 if quick else 64
-        bundle = from_diffusers(src, tmp / f"{src.name}-bundle", sizes=((v, v), (v, v + v // 2)), batches=(1, 2),
-                                precisions=("int8",), calibration_images=8)
-        out[name] = {"module": module, "bundle": bundle, "size": size, "export_s": time.perf_counter() - t0,
-                     "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()} or "diffusers default"}
+    for key, size in (("kl", 32 if quick else 256), ("taesd", 64 if quick else 512)):
+        m = build(key, quick, tmp)
+        out[m["name"]] = {"module": m["module"], "bundle": m["bundle"], "size": size, "export_s": m["export_s"],
+                          "config": m["config"]}
     return out
 
 
