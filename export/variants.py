@@ -325,7 +325,10 @@ def speedups(bundle_dir: Path, precision: str, feeds: dict, batch: int = SPEED_B
 
     models = {p: vaeinfer.load(bundle_dir, device="cpu", threads=threads, precision=p) for p in ("fp32", precision)}
     out = {}
-    for role in models[precision].manifest.variants[precision]:
+    # a stored variant's own graphs; a computed precision runs every graph that has variants
+    roles = models[precision].manifest.variants[precision] or [
+        role for role, spec in models[precision].manifest.specs().items() if spec.variants]
+    for role in roles:
         f = {k: _tile(v, batch) for k, v in feeds[role].items()}
         graphs = {p: m.graph(role) for p, m in models.items()}
         for g in graphs.values():
@@ -431,6 +434,10 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     for precision in dict.fromkeys(precisions):
         say(f"{precision}: converting {', '.join(fp32)}")
         convert, row = CONVERTERS[precision], precision_table.get(precision, variant=True)
+        if not row.stored:  # computed (bf16): the fp32 graphs run in its arithmetic; validated below
+            made[precision] = {}
+            manifest["variants"][precision] = {"computed_from": row.computed_from}
+            continue
         graphs = {}
         reports = {role: {} for role in fp32}
         for role, data in fp32.items():
@@ -463,12 +470,20 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
                 "calibration": None if not precision_table.get(precision).calibrated else {
                     **(source or {}), "images": len(calib), "split": "train", "seed": seed},
                 "error": {"evaluated_on": {**(source or {}), "images": len(evaluation), "split": "held out"}, **errors},
-                "speedup": {"batch": speed_batch, "provider": "CPUExecutionProvider", "threads": threads,
+                "speedup": {"batch": speed_batch, **_runs_on(scratch, precision), "threads": threads,
                             "measured": "vaeinfer runtime, median of interleaved calls",
                             "onnxruntime_version": ort.__version__, "graphs": speed},
             })
     say(f"writing {out_dir or bundle_dir}")
     return write_bundle(out_dir or bundle.path, manifest, files)
+
+
+def _runs_on(bundle_dir: Path, precision: str) -> dict:
+    """What runs `precision` on this machine's CPU: the backend, its providers and its engine's version."""
+    import vaeinfer
+
+    info = vaeinfer.load(bundle_dir, device="cpu", precision=precision).info
+    return {"backend": info.backend, "provider": info.providers[0]}
 
 
 @dataclass(frozen=True)
@@ -505,6 +520,9 @@ CONVERTERS: dict[str, Converter] = {
                       report="fp16_safety"),
     "int8": Converter(lambda data, feeds, report, keep_outputs, method, percentile:
                       make_int8(data, feeds, keep_outputs, method, percentile), _int8_method),
+    # computed from the fp32 graphs by the backend (no graph made): what the backend does is the method
+    "bf16": Converter(lambda *_, **__: None, lambda **_: {
+        "tool": "the backend's bf16 inference precision on the fp32 graphs (OpenVINO INFERENCE_PRECISION_HINT bf16)"}),
 }
 
 

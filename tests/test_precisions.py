@@ -29,15 +29,21 @@ def test_table():
     assert precisions.variant_names() == precisions.names()[1:]
     assert precisions.get("int8").calibrated and not precisions.get("fp16").calibrated
     assert precisions.get("fp16").variant_file("decoder") == "decoder.fp16.onnx"
+    bf16 = precisions.get("bf16")  # computed: the fp32 graphs in bf16 arithmetic, no files of its own
+    assert bf16.variant and not bf16.stored and bf16.graphs == "fp32"
+    assert precisions.file_names() == ("fp32", "fp16", "int8")
+    assert precisions.load_names() == (*precisions.names(), "auto")
 
 
 def test_unknown_precision_names_the_known_ones():
-    with pytest.raises(precisions.UnknownPrecision, match=r"one of \('fp32', 'fp16', 'int8'\), got 'fp8'"):
+    with pytest.raises(precisions.UnknownPrecision, match=r"one of \('fp32', 'fp16', 'int8', 'bf16'\), got 'fp8'"):
         precisions.get("fp8")
-    with pytest.raises(ValueError, match=r"one of \('fp16', 'int8'\), got 'fp32'"):
+    with pytest.raises(ValueError, match=r"one of \('fp16', 'int8', 'bf16'\), got 'fp32'"):
         precisions.get("fp32", variant=True)
-    with pytest.raises(precisions.UnknownPrecision, match="reference precision"):
+    with pytest.raises(precisions.UnknownPrecision, match="no graph files of its own"):
         precisions.get("fp32").variant_file("encoder")
+    with pytest.raises(precisions.UnknownPrecision, match="no graph files of its own"):
+        precisions.get("bf16").variant_file("encoder")
 
 
 def test_schema_variants_enum_is_the_table():
@@ -48,7 +54,7 @@ def test_manifest_parser_takes_the_table(monkeypatch):
     data = json.loads((Path(vaeinfer.__file__).parent / "models" / "mnist-vae" / "manifest.json").read_text())
     assert set(manifest.parse(data).variants) <= set(precisions.variant_names())
     data["variants"]["fp8"] = data["variants"]["fp16"]
-    with pytest.raises(BundleError, match=r"expected variants keyed by \('fp16', 'int8'\), got 'fp8'"):
+    with pytest.raises(BundleError, match=r"expected variants keyed by \('fp16', 'int8', 'bf16'\), got 'fp8'"):
         manifest.parse(data)
     fake = precisions.Precision("fp8", "8-bit floats")
     monkeypatch.setattr(precisions, "TABLE", (*precisions.TABLE, fake))
@@ -64,8 +70,9 @@ def test_cli_and_server_choices_are_the_table():
     from vaeinfer.cli import main
 
     commands = main.commands
-    for name in ("sample", "encode", "decode", "reconstruct", "score", "bench", "triton-repo", "serve"):
-        assert _choices(commands[name], "--precision") == precisions.names(), name
+    for name in ("sample", "encode", "decode", "reconstruct", "score", "bench", "serve", "info"):
+        assert _choices(commands[name], "--precision") == precisions.load_names(), name
+    assert _choices(commands["triton-repo"], "--precision") == precisions.file_names()  # serves graph files
     assert _choices(commands["export"], "--precision") == precisions.variant_names()
 
 
@@ -77,7 +84,7 @@ def test_runtime_refuses_an_unknown_precision():
 ADD_A_ROW = r'''
 import json, sys
 from vaeinfer import precisions
-precisions.TABLE = (*precisions.TABLE, precisions.Precision("bf16", "bfloat16 weights and arithmetic"))
+precisions.TABLE = (*precisions.TABLE, precisions.Precision("fp8", "8-bit float weights and arithmetic"))
 from vaeinfer.cli import main
 choices = {name: list(next(p for p in cmd.params if "--precision" in p.opts).type.choices)
            for name, cmd in main.commands.items() if any("--precision" in p.opts for p in cmd.params)}
@@ -91,6 +98,7 @@ def test_a_new_row_is_a_choice_everywhere():
     done = subprocess.run([sys.executable, "-c", ADD_A_ROW], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     choices = json.loads(done.stdout.strip().splitlines()[-1])
-    assert choices.pop("export") == ["fp16", "int8", "bf16"]
+    assert choices.pop("export") == ["fp16", "int8", "bf16", "fp8"]
     assert choices.pop("train") == ["fp32", "bf16"]  # the training precision (autocast dtype), not a variant
-    assert choices and all(c == ["fp32", "fp16", "int8", "bf16"] for c in choices.values()), choices
+    assert choices.pop("triton-repo") == ["fp32", "fp16", "int8", "fp8"]  # graph files only
+    assert choices and all(c == ["fp32", "fp16", "int8", "bf16", "fp8", "auto"] for c in choices.values()), choices

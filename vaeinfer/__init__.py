@@ -24,14 +24,20 @@ __all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "S
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
          precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-         isolate: bool = False, backend: str | None = None):
+         isolate: bool = False, backend: str | None = None, max_error: float | None = None):
     """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
 
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
         "cpu", "cuda" or "cuda:N" (an error, never a silent fallback, when CUDA cannot run).
     threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
-    precision: "fp32", or a variant the bundle carries (see `info.precisions`; the known ones:
-        vaeinfer.precisions.names()).
+    precision: "fp32", a variant the bundle carries (see `info.precisions`; the known ones:
+        vaeinfer.precisions.names()), "bf16" (the fp32 graphs in bf16 arithmetic, by a backend
+        that has it: OpenVINO on CPUs with AMX or AVX-512 BF16), or "auto": per graph and batch
+        size, the fastest path (backend x precision) whose measured error against fp32 is within
+        `max_error`, measured on this machine at the first load and cached (see
+        `vaeinfer.auto_precision`; `info.auto` says what was chosen and why).
+    max_error: precision="auto"'s budget: the mean absolute difference from the fp32 output as a
+        fraction of the output's range (default 0.01 = 1%; 0 keeps fp32-exact paths only).
     verify: check every graph's sha256 against the manifest. Turn off only for a bundle you
         already trust on a hot path (e.g. reloading the bundled models in a worker).
     cuda_graph: on CUDA, replay captured CUDA graphs for fixed batch buckets: True (batch sizes
@@ -53,14 +59,18 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
     """
     bundle = open_bundle(model)
     if isolate:
-        from vaeinfer import _probe
+        from vaeinfer import _probe, precisions
         from vaeinfer.backends import parse_device
 
         device = parse_device(device, backend)  # a bad device string is the caller's error, not the bundle's
-        bundle = bundle.pin(precision, verify)  # the probe and this process run the same bytes
-        _probe.probe(bundle, precision, device)
+        # the probe and this process run the same bytes; "auto" may run any stored precision's graphs
+        probed = (precisions.REFERENCE, *(p for p in bundle.manifest.variants if precisions.get(p).stored)) \
+            if precision == "auto" else (precision,)
+        for p in probed:
+            bundle = bundle.pin(p, verify)
+            _probe.probe(bundle, p, device)
     from vaeinfer import kinds
 
     cls = kinds.get(bundle.manifest.kind).runtime_class()
     return cls(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding,
-               backend=backend)
+               backend=backend, max_error=max_error)

@@ -222,7 +222,8 @@ def session_creation_ms(model, device: str, threads: int | None) -> dict[str, fl
 
 def bench(model: str = "mnist-vae", batches=DEFAULT_BATCHES, ops=OPS, device: str = "cpu",
           threads: int | None = None, precision: str = "fp32", min_time: float = 1.0, min_iters: int = 10,
-          cuda_graph=False, seed: int = 0, progress=None) -> dict:
+          cuda_graph=False, seed: int = 0, progress=None, backend: str | None = None,
+          max_error: float | None = None) -> dict:
     """Benchmark `ops` of a bundle at each batch size; returns a JSON-able report.
 
     progress(op, batch), if given, is called before each measurement.
@@ -238,7 +239,8 @@ def bench(model: str = "mnist-vae", batches=DEFAULT_BATCHES, ops=OPS, device: st
         raise ValueError(f"batch sizes must be positive, got {batches}")
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    m = vaeinfer.load(model, device=device, threads=threads, precision=precision, cuda_graph=cuda_graph)
+    m = vaeinfer.load(model, device=device, threads=threads, precision=precision, cuda_graph=cuda_graph,
+                      backend=backend, max_error=max_error)
     load_ms = (time.perf_counter() - t0) * 1e3
     rss_loaded = rss_mb()
     results = []

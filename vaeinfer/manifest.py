@@ -48,7 +48,7 @@ class Manifest:
     latent: dict  # parsed by the kind (vaeinfer.kinds): VAE {"dim"}; VQ {"grid", "codebook_size", "code_dim"}; ...
     likelihood: dict  # {"kind", "scale"?}
     graphs: dict[str, GraphFile]
-    variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file
+    variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file ({} for a computed precision)
     prior: dict | None  # parsed by the kind (Kind.parse_prior), for a kind with a prior slot; else None
     raw: dict = field(repr=False, compare=False)
 
@@ -56,7 +56,11 @@ class Manifest:
         return kinds.get(self.kind).graphs(self)
 
     def files(self, precision: str = precisions.REFERENCE) -> dict[str, GraphFile]:
-        """The graph files for a precision: the variant's own graphs over the fp32 ones."""
+        """The graph files for a precision: a stored variant's own graphs over the fp32 ones; a
+        computed precision's (bf16) are the graphs it is computed from."""
+        row = precisions.get(precision)
+        if row.computed_from is not None:
+            return self.files(row.computed_from)
         if precision == precisions.REFERENCE:
             return dict(self.graphs)
         if precision not in self.variants:
@@ -139,6 +143,14 @@ def parse(data: dict) -> Manifest:
     for precision, entry in _get(data, "variants", dict, "").items() if "variants" in data else ():
         if precision not in precisions.variant_names():
             raise BundleError(f"manifest: expected variants keyed by {precisions.variant_names()}, got {precision!r:.40}")
+        row = precisions.get(precision)
+        if not row.stored:  # a computed precision (bf16): its export validation only, no files
+            source = _get(entry, "computed_from", str, f"variants.{precision}")
+            if source != row.computed_from or "graphs" in entry:
+                raise BundleError(f"manifest: expected variants.{precision} to be computed_from "
+                                  f"{row.computed_from!r} with no graphs of its own, got {source!r:.40}")
+            variants[precision] = {}
+            continue
         files = _get(entry, "graphs", dict, f"variants.{precision}")
         if not files or not set(files) <= set(roles):
             raise BundleError(f"manifest: variants.{precision}.graphs must name some of {list(roles)}, got {sorted(files)}")

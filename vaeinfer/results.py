@@ -79,3 +79,5 @@ class ModelInfo:
     files: dict  # file name -> sha256
     path: str
     cuda_graph: tuple[int, ...] = ()  # batch sizes replayed as captured CUDA graphs (empty: none)
+    # precision="auto": per graph {"choice": {batch: "backend/precision"}, "errors", "max_error", "why", "cached"}
+    auto: dict | None = None

@@ -23,7 +23,7 @@ from vaeinfer.errors import BackendError, BundleError, InputError, OutputError, 
 from vaeinfer import precisions
 from vaeinfer.results import ModelInfo
 from vaeinfer.backends import Device, fallback, parse_device
-from vaeinfer.spec import GraphSpec, is_fixed
+from vaeinfer.spec import GraphSpec, example_inputs, is_fixed
 
 # Batch sizes that get a captured device graph each when `cuda_graph=True` (a call is padded up to
 # the next bucket; larger calls run in chunks of the largest one).
@@ -327,10 +327,17 @@ class Model:
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-                 backend: str | None = None):
-        precisions.get(precision)  # UnknownPrecision (a ValueError) naming the known ones
+                 backend: str | None = None, max_error: float | None = None):
         self.bundle, self.manifest = bundle, bundle.manifest
         dev = parse_device(device, backend)
+        if precision == precisions.AUTO:
+            self._load_auto(dev, backend, threads, verify, cuda_graph, io_binding, max_error)
+            return
+        precisions.get(precision)  # UnknownPrecision (a ValueError) naming the known ones
+        if max_error is not None:
+            raise ValueError(f"max_error is the error budget of precision='auto'; got it with precision {precision!r}")
+        if backend is None:  # a precision the device's default backend lacks (bf16): a backend that has it
+            dev = backends.for_precision(dev, precision)
         buckets = _buckets(cuda_graph)
         if buckets and not dev.entry.graph_capture:
             if str(device).strip().lower() != "auto":
@@ -360,25 +367,100 @@ class Model:
 
     def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, precision: str = "fp32",
                   buckets=(), io_binding: bool | None = None) -> dict[str, Graph]:
-        backend, specs = device.entry, self.manifest.specs()
+        specs = self.manifest.specs()
+        return {role: self._graph(role, specs[role], data, device, threads, precision, buckets, io_binding)
+                for role, data in graph_bytes.items()}
+
+    def _graph(self, role: str, spec: GraphSpec, data: bytes, device: Device, threads, precision: str,
+               buckets=(), io_binding: bool | None = None) -> Graph:
+        backend = device.entry
         if precision not in backend.precisions:
             raise BackendError(f"{backend.title} (backend {backend.name!r}) runs precisions {backend.precisions}, "
                                f"not {precision!r}")
         # by default, IO binding where outputs live on the device (on the host, plain runs cost less)
         bound = backend.io_binding and not backend.host_memory if io_binding is None else bool(io_binding)
         workers = (threads or usable_cpus()) if backend.host_threads else 1
-        graphs = {}
-        for role, data in graph_bytes.items():
-            what, spec = f"{self.manifest.name}/{role}", specs[role]
-            role_buckets = buckets if spec.batch_buckets else ()
-            runner = backend.make_runner(data, device, threads=threads, what=what, precision=precision, spec=spec,
-                                         capture=bool(role_buckets))
+        what = f"{self.manifest.name}/{role}"
+        role_buckets = buckets if spec.batch_buckets else ()
+        runner = backend.make_runner(data, device, threads=threads, what=what, precision=precision, spec=spec,
+                                     capture=bool(role_buckets))
 
-            def serial(data=data, what=what, spec=spec):
-                return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec)
+        def serial():
+            return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec)
 
-            graphs[role] = Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
-        return graphs
+        return Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
+
+    def _load_auto(self, dev: Device, backend: str | None, threads, verify: bool, cuda_graph, io_binding,
+                   max_error) -> None:
+        """precision="auto": per graph, the paths chosen by `vaeinfer.auto_precision` (cached)."""
+        from vaeinfer import auto_precision as auto, kinds
+
+        if _buckets(cuda_graph):
+            raise ValueError("cuda_graph and precision='auto' do not go together: auto chooses per batch size "
+                             "among backends that may not capture graphs")
+        budget = auto.check_max_error(auto.DEFAULT_MAX_ERROR if max_error is None else max_error)
+        m, kind = self.manifest, kinds.get(self.manifest.kind)
+        family = dev.entry.device
+        entries = [dev.entry] if backend is not None else [
+            b for b in backends.REGISTRY.values() if b.device == family and (b.name == dev.backend or b.is_available())]
+        paths = {f"{b.name}/{p}": (Device(b.name, dev.index), p) for b in entries for p in b.precisions
+                 if precisions.get(p).graphs == precisions.REFERENCE or p in m.variants}
+        reference = f"{dev.backend}/{precisions.REFERENCE}"
+        sizes = kind.example_sizes(m) if kind.example_sizes else None
+        self._graphs, decisions, data = {}, {}, {}
+
+        def graph_bytes(role, p):
+            if (role, p) not in data:
+                data[role, p] = self.bundle.read_graph(role, p, verify)
+            return data[role, p]
+
+        for role, spec in m.specs().items():
+            if not spec.variants:  # e.g. a VQ prior's cached step graphs: fp32 on the reference backend
+                self._graphs[role] = self._graph(role, spec, graph_bytes(role, "fp32"), dev, threads, "fp32", (), io_binding)
+                continue
+            digests = {label: m.files(p)[role].sha256 for label, (_, p) in paths.items()}
+            key = auto.cache_key(role, digests, _versions(entries), threads, budget)
+            decision = auto.load_cached(key, paths)
+            wanted = sorted(set(decision.choice.values())) if decision else list(paths)
+            graphs = {}
+            for label in wanted:
+                where, p = paths[label]
+                try:
+                    graphs[label] = self._graph(role, spec, graph_bytes(role, p), where, threads, p, (), io_binding)
+                except BackendError:
+                    if decision is not None or label == reference:
+                        raise  # the cached choice or the reference cannot run: an error, not a quiet swap
+            if decision is None:
+                def feeds_for(rows, spec=spec):
+                    arrays = example_inputs(spec, rows, 0, kind.int_limits(m), sizes, m.value_range)
+                    return {t.name: a for t, a in zip(spec.inputs, arrays)}
+
+                def warmup(label, feeds, graphs=graphs):
+                    rows = len(next(iter(feeds.values())))
+                    for _ in range(1 if rows == 1 else MODE_TRIAL_CALLS + 1):  # let it settle its execution mode
+                        graphs[label].run(feeds)
+
+                runs = {label: (lambda feeds, g=g: g.run(feeds)) for label, g in graphs.items()}
+                decision = auto.measure(runs, reference, feeds_for, budget, role, warmup)
+                auto.save(key, decision)
+            chosen = {label: graphs[label] for label in sorted(set(decision.choice.values()))}
+            self._graphs[role] = ChoosingGraph(chosen, decision)
+            decisions[role] = decision
+        first = next(iter(self._graphs.values()))
+        used = sorted({label for d in decisions.values() for label in d.choice.values()})
+        self.info = ModelInfo(
+            name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
+            value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
+            backend="+".join(sorted({label.split("/")[0] for label in used})) or dev.backend,
+            providers=first.runner.providers, precision=precisions.AUTO,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            num_classes=None if m.prior is None else m.prior["num_classes"],
+            files={f.file: f.sha256 for p in {paths[label][1] for label in used} | {precisions.REFERENCE}
+                   for f in m.files(p).values()},
+            path=str(self.bundle.path),
+            auto={role: {"choice": {str(b): label for b, label in d.choice.items()}, "errors": d.errors,
+                         "max_error": d.max_error, "why": d.why(), "cached": d.cached} for role, d in decisions.items()},
+        )
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
 
@@ -410,6 +492,34 @@ class Model:
 
     def __repr__(self):
         return f"<vaeinfer {self.info.kind} {self.info.name!r} on {self.info.device} ({self.info.precision})>"
+
+
+class ChoosingGraph:
+    """precision="auto"'s graph: each call runs on the path its decision chose for that many rows
+    (`vaeinfer.auto_precision.Decision.path_for`); everything else is the batch-1 path's."""
+
+    def __init__(self, graphs: dict[str, Graph], decision):
+        self.graphs, self.decision = graphs, decision
+
+    def run(self, feeds: dict[str, np.ndarray], batch_size: int | None = None, progress=None) -> list[np.ndarray]:
+        rows = min(len(next(iter(feeds.values()))), batch_size or DEFAULT_BATCH)
+        return self.graphs[self.decision.path_for(rows)].run(feeds, batch_size, progress)
+
+    def __getattr__(self, name):
+        return getattr(self.graphs[self.decision.choice[1]], name)
+
+
+def _versions(entries) -> dict[str, str]:
+    """backend name -> its engine's version (part of precision="auto"'s cache key)."""
+    import importlib
+
+    out = {}
+    for b in entries:
+        try:
+            out[b.name] = getattr(importlib.import_module(b.engine), "__version__", "?")
+        except ImportError:
+            out[b.name] = "missing"
+    return out
 
 
 def _buckets(cuda_graph) -> tuple[int, ...]:

@@ -159,9 +159,24 @@ def parse_device(device: str | Device, backend: str | None = None) -> Device:
     return Device(next(b.name for b in REGISTRY.values() if b.device == family and b.default), index)
 
 
+def for_precision(device: Device, precision: str) -> Device:
+    """`device` if its backend runs `precision`; else the first registered backend of the same
+    device family that runs it and is available here (bf16 on "cpu": OpenVINO). BackendError
+    naming the candidates and how to install them when none is."""
+    if precision in device.entry.precisions:
+        return device
+    family = device.entry.device
+    candidates = [b for b in REGISTRY.values() if b.device == family and precision in b.precisions]
+    for b in candidates:
+        if b.is_available():
+            return Device(b.name, device.index)
+    hints = "; ".join(f"{b.title} (backend {b.name!r}): {b.install_hint}" for b in candidates)
+    raise BackendError(f"precision {precision!r} on device '{family}' needs " + (hints or "a backend that runs it; none is registered"))
+
+
 def fallback() -> Device:
     """Where "auto" goes when its first choice fails to start: the last-ranked auto backend."""
     return Device(max((b for b in REGISTRY.values() if b.auto is not None), key=lambda b: b.auto).name)
 
 
-from vaeinfer.backends import onnxruntime_cpu, onnxruntime_cuda, onnxruntime_tensorrt  # noqa: E402,F401  (each registers itself)
+from vaeinfer.backends import onnxruntime_cpu, onnxruntime_cuda, onnxruntime_tensorrt, openvino  # noqa: E402,F401  (each registers itself)

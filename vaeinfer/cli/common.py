@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 import vaeinfer
-from vaeinfer import images as image_io, precisions
+from vaeinfer import backends, images as image_io, precisions
 from vaeinfer.op_params import Param
 from vaeinfer.errors import InputError, VaeinferError
 
@@ -53,16 +53,43 @@ def main():
     """
 
 
-def model_option(f):
-    f = click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True,
-                     help="Which of the bundle's graph variants to run.")(f)
+def _remember(ctx, param, value):
+    """Options that every command passes straight to vaeinfer.load (see `_load`) ride in ctx.meta."""
+    ctx.meta[f"vaeinfer.load.{param.name}"] = value
+    return value
+
+
+def runtime_options(f):
+    """--device, --backend, --threads, --precision and --max-error: how `vaeinfer.load` runs a
+    model, declared once for every runtime command and the server."""
+    f = click.option("--max-error", type=click.FloatRange(0, 1), default=None, expose_value=False, callback=_remember,
+                     help="--precision auto's error budget: mean abs difference from fp32 as a fraction of the "
+                          "output's range (default 0.01 = 1%).")(f)
+    f = click.option("--precision", type=click.Choice(precisions.load_names()), default=precisions.REFERENCE,
+                     show_default=True,
+                     help="fp32, a variant the bundle carries (fp16, int8), bf16 (the fp32 graphs in bf16 on a backend "
+                          "that has it: OpenVINO), or auto: the fastest measured path within --max-error.")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads (default: one per core).")(f)
+                     help="Intra-op threads per graph (default: one per core).")(f)
+    f = click.option("--backend", type=click.Choice(backends.names()), default=None, expose_value=False,
+                     callback=_remember,
+                     help="What runs the graphs on the device (default: the device's own; bf16 picks one that has it).")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda or cuda:N. Asking for CUDA where it cannot run is an error.")(f)
+    return f
+
+
+def model_option(f):
+    f = runtime_options(f)
     f = click.option("-m", "--model", default=vaeinfer.DEFAULT_MODEL, show_default=True,
                      help="A bundled model's name (see `vaeinfer info`) or a bundle directory.")(f)
     return f
+
+
+def load_extras() -> dict:
+    """The --backend and --max-error values of the running command (None when not given)."""
+    meta = click.get_current_context().meta
+    return {"backend": meta.get("vaeinfer.load.backend"), "max_error": meta.get("vaeinfer.load.max_error")}
 
 
 def op_options(*params: Param):
@@ -83,7 +110,7 @@ def op_options(*params: Param):
 
 
 def _load(model, device, threads, precision):
-    return vaeinfer.load(model, device=device, threads=threads, precision=precision)
+    return vaeinfer.load(model, device=device, threads=threads, precision=precision, **load_extras())
 
 
 def _progress(total: int, label: str):

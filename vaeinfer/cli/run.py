@@ -13,7 +13,7 @@ from vaeinfer import images as image_io
 from vaeinfer import kinds
 from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
 from vaeinfer.cli.common import (_check_out, _load, _progress, _read_images, _spatial_options, _write_images, main,
-                                 model_option, op_options)
+                                 model_option, op_options, runtime_options)
 from vaeinfer.errors import InputError
 from vaeinfer.op_params import SAMPLE, SCORE
 
@@ -144,14 +144,24 @@ def score(model, device, threads, precision, inputs, samples, seed, batch_size, 
 
 @main.command()
 @click.option("-m", "--model", default=None, help="A model to describe; without it, list the bundled models.")
-@click.option("--device", default="cpu", show_default=True)
-def info(model, device):
-    """List the bundled models, or describe one model (as JSON)."""
+@runtime_options
+@click.option("--backends", "list_backends", is_flag=True,
+              help="List the backends: what each runs on, its precisions, whether it is available here, how to install it.")
+def info(model, device, threads, precision, list_backends):
+    """List the bundled models, or describe one model loaded as the options say (as JSON; with
+    --precision auto, what was chosen per graph and batch size, why, and the measured errors)."""
+    if list_backends:
+        from vaeinfer import backends
+
+        for b in backends.REGISTRY.values():
+            here = "available" if b.is_available() else f"not available ({b.install_hint})"
+            click.echo(f"{b.name}: {b.title} on {b.device}, precisions {', '.join(b.precisions)}; {here}")
+        return
     if model is None:
         for name in vaeinfer.available_models():
             m = vaeinfer.open_bundle(name).manifest
             default = " (default)" if name == vaeinfer.DEFAULT_MODEL else ""
             click.echo(f"{name}{default}: {m.kind}, image {'x'.join(map(str, m.image))}, latent {m.latent}")
         return
-    i = vaeinfer.load(model, device=device).info
+    i = _load(model, device, threads, precision).info
     click.echo(json.dumps({k: getattr(i, k) for k in i.__dataclass_fields__}, indent=2, default=list))

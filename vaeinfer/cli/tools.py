@@ -9,7 +9,7 @@ import click
 
 import vaeinfer
 from vaeinfer import precisions
-from vaeinfer.cli.common import main, model_option
+from vaeinfer.cli.common import load_extras, main, model_option
 
 
 @main.command()
@@ -40,7 +40,8 @@ def bench(model, device, threads, precision, batches, ops, min_time, min_iters, 
     unknown = [o for o in names if o not in OPS]
     if unknown or not names:
         raise click.BadParameter(f"expected some of {', '.join(OPS)}, got {ops!r}", param_hint="--op")
-    report = run_bench(model, sizes, names, device=device, threads=threads, precision=precision, min_time=min_time,
+    report = run_bench(model, sizes, names, device=device, threads=threads, precision=precision, **load_extras(),
+                       min_time=min_time,
                        min_iters=min_iters, cuda_graph=sizes if cuda_graph else False,
                        progress=lambda op, b: click.echo(f"timing {op} at batch {b}...", err=True))
     click.echo(format_table(report))
@@ -60,8 +61,8 @@ def bench(model, device, threads, precision, batches, ops, min_time, min_iters, 
               help="Model instances per device (the instance group's count).")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Run the instances on CPU (KIND_CPU) or GPU (KIND_GPU).")
-@click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True,
-              help="Which of the bundle's graph variants to serve.")
+@click.option("--precision", type=click.Choice(precisions.file_names()), default=precisions.REFERENCE, show_default=True,
+              help="Which of the bundle's graph files to serve.")
 @click.option("--name", default=None, help="Model name prefix (default: the bundle's name): NAME_encoder, ...")
 @click.option("--preferred-batch-size", "preferred", type=click.IntRange(min=1), multiple=True,
               help="The dynamic batcher's preferred batch sizes (repeatable; default: half the max and the max).")

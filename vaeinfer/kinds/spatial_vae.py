@@ -65,6 +65,16 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
     return {"multiple_of": multiple, "min_size": min_size}
 
 
+EXAMPLE_SIDE = 256  # the largest image side precision="auto" measures on (time grows with the pixels, ratios hardly)
+
+
+def example_sizes(manifest) -> dict:
+    """The native image size, each side capped at EXAMPLE_SIDE (kept a multiple of multiple_of)."""
+    f, multiple = manifest.latent["downsample"], manifest.latent["multiple_of"]
+    h, w = (max(multiple, min(side, EXAMPLE_SIDE) // multiple * multiple) for side in manifest.image[1:])
+    return {HEIGHT: h, WIDTH: w, LATENT_HEIGHT: h // f, LATENT_WIDTH: w // f}
+
+
 def runtime_class() -> type:
     from vaeinfer.spatial_vae import SpatialVAE
 
@@ -77,5 +87,5 @@ KIND = register(Kind(
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},
     latent_keys=("z", "mean"), sample_options=("height", "width", "tile"), scorable=True,
-    channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image,
+    channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image, example_sizes=example_sizes,
 ))

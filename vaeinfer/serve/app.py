@@ -173,7 +173,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     metrics = Metrics()
     served: dict[str, Served] = {}
     for spec in config.models:
-        model = vaeinfer.load(spec, device=config.device, threads=config.threads, precision=config.precision)
+        model = vaeinfer.load(spec, device=config.device, threads=config.threads, precision=config.precision,
+                              backend=config.backend, max_error=config.max_error)
         served[model.info.name] = Served(model.info.name, model, config, metrics)
     state = {"ready": False, "in_flight": 0}
 

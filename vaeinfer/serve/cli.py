@@ -6,8 +6,7 @@ import os
 
 import click
 
-from vaeinfer import precisions
-from vaeinfer.cli.common import main
+from vaeinfer.cli.common import load_extras, main, runtime_options
 
 
 @main.command("serve")
@@ -17,9 +16,7 @@ from vaeinfer.cli.common import main
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes (each loads the models and batches on its own).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads per graph.")
-@click.option("--precision", type=click.Choice(precisions.names()), default=precisions.REFERENCE, show_default=True)
+@runtime_options
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Rows merged into one onnxruntime call (1: no micro-batching).")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -47,7 +44,8 @@ def serve(models, host, port, workers, device, threads, precision, max_batch, ma
 
     from vaeinfer.serve.config import ENV
 
-    config = ServeConfig(models=models, device=device, threads=threads, precision=precision, max_batch=max_batch,
+    config = ServeConfig(models=models, device=device, threads=threads, precision=precision, **load_extras(),
+                         max_batch=max_batch,
                          max_wait_ms=max_wait_ms, max_queue=max_queue, max_body_bytes=max_body_bytes, max_rows=max_rows)
     options = dict(host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=access_log,
                    log_level="info")

@@ -22,6 +22,8 @@ class ServeConfig:
     device: str = "auto"
     threads: int | None = None
     precision: str = "fp32"
+    backend: str | None = None
+    max_error: float | None = None  # precision "auto"'s budget (vaeinfer.load's max_error)
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 256

@@ -1,0 +1,166 @@
+"""The OpenVINO backend (backend="openvino") and the bf16 precision: every committed bundle and an
+imported diffusers VAE through the Python API, the CLI and the server; thread safety; bf16's
+export validation in the manifest. Skips where OpenVINO (or, for bf16, a CPU with AMX or AVX-512
+BF16) is missing, and says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import vaeinfer
+from vaeinfer import manifest as manifest_mod
+from vaeinfer.backends import openvino as ov_backend
+from vaeinfer.errors import BackendError, BundleError
+
+pytestmark = pytest.mark.skipif(not ov_backend.is_available(),
+                                reason="OpenVINO is not installed: pip install 'vaeinfer[openvino]'")
+HAS_BF16 = "BF16" in ov_backend.capabilities()
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has neither AMX nor AVX-512 BF16 "
+                                                     "(OpenVINO's CPU plugin lists no BF16)")
+MODELS = vaeinfer.available_models()
+
+
+def _decode_inputs(model, n=8, seed=0):
+    from vaeinfer.bench import graph_inputs
+
+    return graph_inputs(model, "decoder", n, seed)[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp32_matches_onnxruntime_on_every_bundled_model(name):
+    ref = vaeinfer.load(name, device="cpu", threads=2)
+    ov = vaeinfer.load(name, device="cpu", threads=2, backend="openvino")
+    assert ov.info.backend == "openvino" and ov.info.providers[0].startswith("OpenVINO")
+    z = _decode_inputs(ref)
+    np.testing.assert_allclose(ov.decode(z), ref.decode(z), atol=1e-4)
+    x = ref.decode(z)
+    a, b = ref.encode(x), ov.encode(x)
+    for field in ("mean", "codes"):
+        if hasattr(a, field):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), atol=1e-4)
+    np.testing.assert_array_equal(ov.sample(8, seed=3), ov.sample(8, seed=3))  # seeded: bit-identical
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if "int8" in vaeinfer.open_bundle(n).manifest.variants])
+def test_int8_runs_the_bundles_qdq_graphs(name):
+    ref = vaeinfer.load(name, device="cpu", threads=2)
+    ov = vaeinfer.load(name, device="cpu", threads=2, backend="openvino", precision="int8")
+    z = _decode_inputs(ref)
+    got = ov.decode(z)
+    assert np.isfinite(got).all() and float(np.mean(np.abs(got - ref.decode(z)))) < 0.05
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_runs_every_bundled_model_within_its_error(name):
+    ref = vaeinfer.load(name, device="cpu", threads=2)
+    bf = vaeinfer.load(name, device="cpu", threads=2, precision="bf16")  # no backend named: the one that has bf16
+    assert bf.info.backend == "openvino" and bf.info.precision == "bf16" and "(bf16)" in bf.info.providers[0]
+    z = _decode_inputs(ref)
+    err = float(np.mean(np.abs(bf.decode(z) - ref.decode(z))))
+    assert 0 < err < 0.02  # really bf16 (not fp32), and close
+
+
+def test_bf16_on_onnxruntime_is_an_error_naming_the_backend_that_has_it():
+    with pytest.raises(BackendError, match="runs precisions.*not 'bf16'"):
+        vaeinfer.load("mnist-vae", device="cpu", backend="cpu", precision="bf16")
+
+
+def test_one_loaded_model_serves_many_threads():
+    model = vaeinfer.load("mnist-vae", device="cpu", threads=1, backend="openvino")
+    inputs = [_decode_inputs(model, 16, seed) for seed in range(8)]
+    want = [model.decode(z) for z in inputs]
+    got = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(5):
+            got[i] = model.decode(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs_are_refused_before_the_backend():
+    model = vaeinfer.load("mnist-vae", device="cpu", backend="openvino")
+    with pytest.raises(vaeinfer.InputError):
+        model.decode(np.zeros((2, 3), np.float32))
+    with pytest.raises(vaeinfer.InputError):
+        model.decode(np.full((2, model.latent_dim), np.nan, np.float32))
+
+
+def test_an_imported_diffusers_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    from vaeinfer.export.diffusers import from_diffusers
+
+    torch.manual_seed(0)
+    module = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                                     latent_channels=4, sample_size=32).eval()
+    module.save_pretrained(tmp_path / "src")
+    bundle = from_diffusers(tmp_path / "src", tmp_path / "bundle", sizes=((16, 16), (24, 32)),
+                            precisions=("bf16",) if HAS_BF16 else ())
+    ref = vaeinfer.load(bundle, device="cpu")
+    z = np.random.default_rng(0).standard_normal((2, 4, 8, 12)).astype(np.float32)
+    for precision in ("fp32", "bf16") if HAS_BF16 else ("fp32",):
+        got = vaeinfer.load(bundle, device="cpu", backend="openvino", precision=precision).decode(z)
+        assert got.shape == (2, 3, 16, 24)
+        assert float(np.mean(np.abs(got - ref.decode(z)))) < (1e-4 if precision == "fp32" else 0.02)
+    if HAS_BF16:
+        entry = json.loads((bundle / "manifest.json").read_text())["variants"]["bf16"]
+        assert entry["computed_from"] == "fp32" and "graphs" not in entry
+        assert entry["speedup"]["backend"] == "openvino" and "reconstruction" in entry["error"]
+
+
+def test_cli_sample_and_info(tmp_path):
+    from vaeinfer.cli import main
+
+    out = tmp_path / "s.png"
+    precision = "bf16" if HAS_BF16 else "fp32"
+    r = CliRunner().invoke(main, ["sample", "--device", "cpu", "--backend", "openvino", "--precision", precision,
+                                  "-n", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 0
+    r = CliRunner().invoke(main, ["info", "-m", "mnist-vae", "--device", "cpu", "--backend", "openvino"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["backend"] == "openvino"
+    r = CliRunner().invoke(main, ["info", "--backends"])
+    assert "openvino: OpenVINO's CPU plugin on cpu" in r.output and "available" in r.output
+
+
+def test_server_runs_on_openvino():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vaeinfer.serve import ServeConfig, create_app
+
+    app = create_app(ServeConfig(models=("mnist-vae",), device="cpu", backend="openvino", max_batch=4))
+    model = app.state.served["mnist-vae"].model
+    assert model.info.backend == "openvino"
+    with TestClient(app) as client:
+        r = client.post("/v1/models/mnist-vae/sample", json={"n": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+
+
+def test_bf16_manifest_entry_is_checked(tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(vaeinfer.open_bundle("mnist-vae").path, bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["variants"]["bf16"] = {"computed_from": "fp32", "error": {}}
+    assert manifest_mod.parse(data).files("bf16") == manifest_mod.parse(data).files("fp32")
+    for bad in ({"computed_from": "fp16"}, {"computed_from": "fp32", "graphs": data["variants"]["int8"]["graphs"]},
+                {"graphs": data["variants"]["int8"]["graphs"]}):
+        data["variants"]["bf16"] = bad
+        with pytest.raises(BundleError, match="variants.bf16"):
+            manifest_mod.parse(data)
