@@ -31,6 +31,7 @@ def test_chosen_paths_are_within_the_budget_and_cached(name, cache, monkeypatch)
     for role, batch, path in _every_choice(info):
         d = info.auto[role]
         assert d["errors"][path] <= d["max_error"] == 0.01, (role, batch, path)
+        assert d["peaks"][path] <= auto.PEAK_FACTOR * 0.01, (role, batch, path)
         assert f"batch {batch}+: {path}" in d["why"] and not d["cached"]
     assert len(list(cache.glob("*.json"))) == len(info.auto)
     images = model.sample(8, seed=5)
@@ -79,7 +80,8 @@ def test_an_unreadable_cache_is_measured_again(cache):
 
 
 def test_a_decision_dispatches_by_batch_size():
-    d = auto.Decision(role="decoder", choice={1: "cpu/fp32", 64: "openvino/bf16"}, errors={}, seconds={}, max_error=0.01)
+    d = auto.Decision(role="decoder", reference="cpu/fp32", choice={1: "cpu/fp32", 64: "openvino/bf16"}, errors={}, peaks={}, seconds={},
+                      max_error=0.01)
     assert [d.path_for(n) for n in (0, 1, 63, 64, 1000)] == ["cpu/fp32"] * 3 + ["openvino/bf16"] * 2
     assert auto.Decision.from_json(json.loads(json.dumps(d.to_json()))).choice == d.choice
 
@@ -87,8 +89,12 @@ def test_a_decision_dispatches_by_batch_size():
 def test_output_error_is_a_fraction_of_the_range():
     ref = [np.array([[0.0, 2.0], [1.0, 1.0]], np.float32), np.array([1, 2, 3, 4])]
     got = [ref[0] + 0.02, np.array([1, 2, 3, 5])]
-    assert auto.output_error(ref, got) == pytest.approx(0.25)  # codes: 1 of 4 differ, above the floats' 1%
-    assert auto.output_error(ref[:1], got[:1]) == pytest.approx(0.01)
+    assert auto.output_error(ref, got) == pytest.approx((0.25, 0.25))  # codes: 1 of 4 differ, above the floats'
+    assert auto.output_error(ref[:1], got[:1]) == pytest.approx((0.01, 0.01))
+    spike = [ref[0].copy()]
+    spike[0][0, 0] += 0.4  # one value off by 20% of the range: the mean is 5%, the peak 20%
+    assert auto.output_error(ref[:1], spike) == pytest.approx((0.05, 0.2))
+    assert auto.within_budget(0.005, 0.09, 0.01) and not auto.within_budget(0.005, 0.11, 0.01)
 
 
 def test_cli_and_server_take_auto(tmp_path):

@@ -10,7 +10,9 @@ against fp32 stays within a budget, chosen by measurement on this machine and ca
   kind's symbolic sizes from `Kind.example_sizes`), the mean absolute difference of each float
   output from the reference's, as a fraction of the reference output's value range (max - min);
   an integer output (VQ codes) counts its fraction of mismatches. The largest over the outputs.
-  `max_error=0.01` allows 1%.
+  `max_error=0.01` allows 1%; and no single value may be off by more than PEAK_FACTOR (10) x
+  max_error of the range, so a path whose average is fine but whose worst pixels are visibly
+  wrong (a badly calibrated int8 layer) is refused.
 - Speed: the paths within budget run interleaved (one warm-up, then the median of `ROUNDS`
   timed blocks) at batch 1 and, for graphs cheap enough that batching can change the winner
   (a batch-1 call under `CHEAP_CALL_S`), at `LARGE_BATCH`; a call of `LARGE_BATCH` rows or more
@@ -40,10 +42,11 @@ from vaeinfer._fs import atomic_write_text
 
 DEFAULT_MAX_ERROR = 0.01  # 1% of the output's range (mean abs): what load(precision="auto") allows by default
 LARGE_BATCH = 64
+PEAK_FACTOR = 10  # the largest single difference may reach this many times max_error (of the range)
 CHEAP_CALL_S = 0.05  # a batch-1 reference call faster than this is also measured at LARGE_BATCH
 ROUNDS = 5
 BLOCK_S = 0.02  # each timed block repeats a fast call until it takes about this long
-VERSION = 1  # of the decision procedure: a change re-measures
+VERSION = 2  # of the decision procedure: a change re-measures
 
 
 def check_max_error(max_error) -> float:
@@ -63,8 +66,10 @@ class Decision:
     """What auto chose for one graph: the path per batch bucket, and what it measured."""
 
     role: str
+    reference: str  # the fp32 reference path the errors are measured against
     choice: dict  # batch bucket (1, LARGE_BATCH) -> path "backend/precision"
-    errors: dict  # path -> measured error (fraction of the output range)
+    errors: dict  # path -> measured mean error (fraction of the output range)
+    peaks: dict  # path -> measured largest single error (fraction of the output range)
     seconds: dict  # batch bucket -> {path: median seconds per call} (paths within budget)
     max_error: float
     cached: bool = False  # read from the cache instead of measured in this process
@@ -76,41 +81,49 @@ class Decision:
         parts = []
         for batch, path in sorted(self.choice.items()):
             times = self.seconds[batch]
-            ref = times.get(REFERENCE_LABEL[0]) if REFERENCE_LABEL else None
+            ref = times.get(self.reference)
             gain = f", {ref / times[path]:.2f}x the reference" if ref else ""
-            parts.append(f"batch {batch}+: {path} ({times[path] * 1e3:.3g} ms{gain}, error {self.errors[path]:.2g})")
-        skipped = [p for p, e in self.errors.items() if e > self.max_error]
-        over = f"; over the {self.max_error:g} budget: {', '.join(skipped)}" if skipped else ""
+            parts.append(f"batch {batch}+: {path} ({times[path] * 1e3:.3g} ms{gain}, error {self.errors[path]:.2g}, "
+                         f"peak {self.peaks[path]:.2g})")
+        skipped = [p for p in self.errors if not within_budget(self.errors[p], self.peaks[p], self.max_error)]
+        over = (f"; over the budget (mean {self.max_error:g}, peak {PEAK_FACTOR * self.max_error:g}): "
+                f"{', '.join(skipped)}") if skipped else ""
         return "; ".join(parts) + over
 
     def to_json(self) -> dict:
-        return {"role": self.role, "choice": {str(k): v for k, v in self.choice.items()}, "errors": self.errors,
+        return {"role": self.role, "reference": self.reference, "choice": {str(k): v for k, v in self.choice.items()}, "errors": self.errors, "peaks": self.peaks,
                 "seconds": {str(k): v for k, v in self.seconds.items()}, "max_error": self.max_error}
 
     @classmethod
     def from_json(cls, data: dict) -> "Decision":
-        return cls(role=str(data["role"]), choice={int(k): str(v) for k, v in data["choice"].items()},
+        return cls(role=str(data["role"]), reference=str(data["reference"]), choice={int(k): str(v) for k, v in data["choice"].items()},
                    errors={str(k): float(v) for k, v in data["errors"].items()},
+                   peaks={str(k): float(v) for k, v in data["peaks"].items()},
                    seconds={int(b): {str(k): float(v) for k, v in t.items()} for b, t in data["seconds"].items()},
                    max_error=float(data["max_error"]), cached=True)
 
 
-REFERENCE_LABEL: list[str] = []  # set by `decide` for `why()`: the reference path's label
-
-
-def output_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """The largest, over outputs, of mean |got - reference| / range(reference) (floats) or the
-    fraction of mismatches (integers)."""
-    worst = 0.0
+def output_error(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
+    """(mean, peak): the largest, over outputs, of mean |got - reference| / range(reference) and
+    of max |got - reference| / range(reference) (floats); an integer output counts its fraction of
+    mismatches for both."""
+    mean = peak = 0.0
     for a, b in zip(reference, got):
         if np.issubdtype(a.dtype, np.integer):
-            err = float(np.mean(a != b)) if a.size else 0.0
+            m = p = float(np.mean(a != b)) if a.size else 0.0
         else:
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             span = float(a64.max() - a64.min()) if a.size else 0.0
-            err = float(np.mean(np.abs(a64 - b64))) / (span if span > 0 else 1.0)
-        worst = max(worst, err)
-    return worst
+            diff = np.abs(a64 - b64) / (span if span > 0 else 1.0)
+            m, p = (float(diff.mean()), float(diff.max())) if a.size else (0.0, 0.0)
+        mean, peak = max(mean, m), max(peak, p)
+    return mean, peak
+
+
+def within_budget(mean: float, peak: float, max_error: float) -> bool:
+    """The budget: mean error <= max_error, and no value off by more than PEAK_FACTOR x max_error
+    of the range (a path whose average is fine but whose worst pixels are visibly wrong fails)."""
+    return mean <= max_error and peak <= PEAK_FACTOR * max_error
 
 
 def _block_time(run: Callable[[], object], calls: int) -> float:
@@ -125,7 +138,6 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
     """Choose among `paths` (label -> run(feeds) -> outputs) for one graph; `reference` is a label
     of `paths`; `feeds_for(rows)` gives seeded inputs; `warmup(label, feeds)` prepares a path for
     a batch size (e.g. lets the runtime settle its execution mode)."""
-    REFERENCE_LABEL[:] = [reference]
     one = feeds_for(1)
     t0 = time.perf_counter()
     ref_one = paths[reference](one)
@@ -133,15 +145,15 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
     cheap = first < CHEAP_CALL_S
     check = feeds_for(8) if cheap else one
     ref_out = paths[reference](check) if cheap else ref_one
-    errors = {}
+    errors, peaks = {}, {}
     for label, run in paths.items():
         try:
-            errors[label] = 0.0 if label == reference else output_error(ref_out, run(check))
+            errors[label], peaks[label] = (0.0, 0.0) if label == reference else output_error(ref_out, run(check))
         except Exception as e:  # a path that fails on valid inputs (a backend's missing kernel) is not a candidate
             warnings.warn(f"precision='auto': {role} on {label} failed and is not considered: {str(e)[:200]}",
                           stacklevel=3)
-            errors[label] = float("inf")
-    within = [label for label in paths if errors[label] <= max_error]
+            errors[label] = peaks[label] = float("inf")
+    within = [label for label in paths if within_budget(errors[label], peaks[label], max_error)]
     seconds, choice = {}, {}
     for batch in ((1, LARGE_BATCH) if cheap else (1,)):
         feeds = one if batch == 1 else feeds_for(batch)
@@ -158,7 +170,8 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
         choice[batch] = min(within, key=lambda label: (seconds[batch][label], errors[label]))
     if cheap and choice[LARGE_BATCH] == choice[1]:
         choice = {1: choice[1]}
-    return Decision(role=role, choice=choice, errors=errors, seconds=seconds, max_error=max_error)
+    return Decision(role=role, reference=reference, choice=choice, errors=errors, peaks=peaks, seconds=seconds,
+                    max_error=max_error)
 
 
 # --- the cache --------------------------------------------------------------------------------

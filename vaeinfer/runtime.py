@@ -416,7 +416,8 @@ class Model:
 
         for role, spec in m.specs().items():
             if not spec.variants:  # e.g. a VQ prior's cached step graphs: fp32 on the reference backend
-                self._graphs[role] = self._graph(role, spec, graph_bytes(role, "fp32"), dev, threads, "fp32", (), io_binding)
+                self._graphs[role] = self._graph(role, spec, graph_bytes(role, precisions.REFERENCE), dev, threads,
+                                                   precisions.REFERENCE, (), io_binding)
                 continue
             digests = {label: m.files(p)[role].sha256 for label, (_, p) in paths.items()}
             key = auto.cache_key(role, digests, _versions(entries), threads, budget)
@@ -458,7 +459,7 @@ class Model:
             files={f.file: f.sha256 for p in {paths[label][1] for label in used} | {precisions.REFERENCE}
                    for f in m.files(p).values()},
             path=str(self.bundle.path),
-            auto={role: {"choice": {str(b): label for b, label in d.choice.items()}, "errors": d.errors,
+            auto={role: {"choice": {str(b): label for b, label in d.choice.items()}, "errors": d.errors, "peaks": d.peaks,
                          "max_error": d.max_error, "why": d.why(), "cached": d.cached} for role, d in decisions.items()},
         )
 
