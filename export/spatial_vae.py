@@ -25,32 +25,12 @@ from vaeinfer.export import vae
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError
 from vaeinfer.kinds.spatial_vae import KIND, spatial_vae_graphs
+from vaeinfer.spec import smooth_images  # noqa: F401  (its home is the runtime: precision="auto" measures on it)
 from vaeinfer.spec import HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, example_inputs
 
 SIZES = ((64, 64), (96, 128))  # image sizes (H, W) validated by default
 BATCHES = (1, 2, 3)
 TOLERANCE = 5e-4  # max abs error of any output against PyTorch, fp32 (deep conv stacks, values ~1)
-
-
-def smooth_images(n: int, channels: int, height: int, width: int, seed: int = 0,
-                  value_range=(-1.0, 1.0)) -> np.ndarray:
-    """Real-looking synthetic images: a few random low-frequency waves and a gradient per channel,
-    filling most of `value_range` (activations of image models on these resemble those on photos
-    far more than on uniform noise, which matters for fp16 overflow checks and int8 calibration)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.meshgrid(np.linspace(0, 1, height, dtype=np.float32), np.linspace(0, 1, width, dtype=np.float32),
-                         indexing="ij")
-    out = np.empty((n, channels, height, width), np.float32)
-    for i in range(n):
-        for c in range(channels):
-            img = rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx
-            for _ in range(4):
-                fy, fx, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 2 * np.pi)
-                img = img + rng.uniform(0.2, 1) * np.cos(2 * np.pi * (fy * yy + fx * xx) + ph)
-            img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
-            out[i, c] = img
-    lo, hi = value_range
-    return (lo + (hi - lo) * (0.05 + 0.9 * out)).astype(np.float32)
 
 
 def _axes(downsample: int, multiple: int, min_size: int) -> dict:

@@ -99,7 +99,7 @@ def test_bad_inputs_are_refused_before_the_backend():
         model.decode(np.full((2, model.latent_dim), np.nan, np.float32))
 
 
-def test_an_imported_diffusers_vae(tmp_path):
+def test_an_imported_diffusers_vae(tmp_path, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
     from vaeinfer.export.diffusers import from_diffusers
@@ -117,6 +117,18 @@ def test_an_imported_diffusers_vae(tmp_path):
         got = vaeinfer.load(bundle, device="cpu", backend="openvino", precision=precision).decode(z)
         assert got.shape == (2, 3, 16, 24)
         assert float(np.mean(np.abs(got - ref.decode(z)))) < (1e-4 if precision == "fp32" else 0.02)
+    # precision="auto" measures a latent-diffusion VAE on inputs like a pipeline's: its decoder on
+    # unscaled N(0, 1) latents (z / scaling_factor), its encoder on smooth photo-like images
+    from vaeinfer import kinds
+
+    m = ref.manifest
+    feeds = kinds.get(m.kind).example_feeds(m, m.specs()["decoder"], 64, 0)
+    assert feeds["z"].std() == pytest.approx(1 / m.latent["scaling_factor"], rel=0.05)
+    x = kinds.get(m.kind).example_feeds(m, m.specs()["encoder"], 2, 0)["x"]
+    assert x.shape == (2, 3, 32, 32) and -1 <= x.min() < x.max() <= 1
+    monkeypatch.setenv("VAEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    auto = vaeinfer.load(bundle, device="cpu", precision="auto")
+    assert set(auto.info.auto) == {"encoder", "decoder"} and auto.decode(z).shape == (2, 3, 16, 24)
     if HAS_BF16:
         entry = json.loads((bundle / "manifest.json").read_text())["variants"]["bf16"]
         assert entry["computed_from"] == "fp32" and "graphs" not in entry

@@ -6,8 +6,9 @@ against fp32 stays within a budget, chosen by measurement on this machine and ca
   the variant; bf16 where the backend computes it). The reference is fp32 on the family's
   default backend (onnxruntime); it always qualifies, so auto is never less exact than the
   budget and never slower than the reference on what it measured.
-- Error of a path: on seeded validation inputs of the graph (`spec.example_inputs`; a spatial
-  kind's symbolic sizes from `Kind.example_sizes`), the mean absolute difference of each float
+- Error of a path: on seeded validation inputs of the graph (the kind's `example_feeds`, inputs
+  like those the graph meets in use: a latent-diffusion decoder's unscaled N(0, 1) latents and
+  smooth photo-like images for its encoder; else `spec.example_inputs`), the mean absolute difference of each float
   output from the reference's, as a fraction of the reference output's value range (max - min);
   an integer output (VQ codes) counts its fraction of mismatches. The largest over the outputs.
   `max_error=0.01` allows 1%; and no single value may be off by more than PEAK_FACTOR (10) x
@@ -46,7 +47,7 @@ PEAK_FACTOR = 10  # the largest single difference may reach this many times max_
 CHEAP_CALL_S = 0.05  # a batch-1 reference call faster than this is also measured at LARGE_BATCH
 ROUNDS = 5
 BLOCK_S = 0.02  # each timed block repeats a fast call until it takes about this long
-VERSION = 2  # of the decision procedure: a change re-measures
+VERSION = 3  # of the decision procedure: a change re-measures
 
 
 def check_max_error(max_error) -> float:

@@ -406,7 +406,6 @@ class Model:
         paths = {f"{b.name}/{p}": (Device(b.name, dev.index), p) for b in entries for p in b.precisions
                  if precisions.get(p).graphs == precisions.REFERENCE or p in m.variants}
         reference = f"{dev.backend}/{precisions.REFERENCE}"
-        sizes = kind.example_sizes(m) if kind.example_sizes else None
         self._graphs, decisions, data = {}, {}, {}
 
         def graph_bytes(role, p):
@@ -433,7 +432,9 @@ class Model:
                         raise  # the cached choice or the reference cannot run: an error, not a quiet swap
             if decision is None:
                 def feeds_for(rows, spec=spec):
-                    arrays = example_inputs(spec, rows, 0, kind.int_limits(m), sizes, m.value_range)
+                    if kind.example_feeds is not None:
+                        return kind.example_feeds(m, spec, rows, 0)
+                    arrays = example_inputs(spec, rows, 0, kind.int_limits(m), None, m.value_range)
                     return {t.name: a for t, a in zip(spec.inputs, arrays)}
 
                 def warmup(label, feeds, graphs=graphs):

@@ -69,3 +69,24 @@ def example_inputs(spec: GraphSpec, batch: int, seed: int = 0, limits: dict | No
         else:
             out.append(rng.standard_normal(shape, dtype=np.float32))
     return out
+
+
+def smooth_images(n: int, channels: int, height: int, width: int, seed: int = 0,
+                  value_range=(-1.0, 1.0)) -> np.ndarray:
+    """Real-looking synthetic images: a few random low-frequency waves and a gradient per channel,
+    filling most of `value_range` (activations of image models on these resemble those on photos
+    far more than on uniform noise, which matters for fp16 overflow checks and int8 calibration)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, height, dtype=np.float32), np.linspace(0, 1, width, dtype=np.float32),
+                         indexing="ij")
+    out = np.empty((n, channels, height, width), np.float32)
+    for i in range(n):
+        for c in range(channels):
+            img = rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx
+            for _ in range(4):
+                fy, fx, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 2 * np.pi)
+                img = img + rng.uniform(0.2, 1) * np.cos(2 * np.pi * (fy * yy + fx * xx) + ph)
+            img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+            out[i, c] = img
+    lo, hi = value_range
+    return (lo + (hi - lo) * (0.05 + 0.9 * out)).astype(np.float32)

@@ -55,9 +55,9 @@ class Kind:
     scale_optional: bool = False  # a Gaussian/Laplace likelihood may state no scale (then: no score)
     # (manifest image slot, (C, H, W), parsed latent) -> more facts merged into the parsed latent
     parse_image: Callable[[dict, tuple, dict], dict] | None = None
-    # Manifest -> {symbolic axis: size} for seeded example inputs (spec.example_inputs) when the graphs
-    # have symbolic axes beyond the batch (precision="auto" measures on them)
-    example_sizes: Callable[[object], dict] | None = None
+    # (Manifest, GraphSpec, rows, seed) -> {input name: array}: seeded inputs like the ones the graph
+    # meets in use (precision="auto" measures its errors on them); None: spec.example_inputs
+    example_feeds: Callable[..., dict] | None = None
 
 
 def register(kind: Kind) -> Kind:

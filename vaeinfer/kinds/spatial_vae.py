@@ -10,7 +10,8 @@ import numpy as np
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import finite, get, positive
-from vaeinfer.spec import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec
+from vaeinfer.spec import (BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec, example_inputs,
+                           smooth_images)
 
 
 def spatial_vae_graphs(channels: int, latent_channels: int, stochastic: bool = True) -> dict[str, GraphSpec]:
@@ -68,11 +69,22 @@ def parse_image(image: dict, shape: tuple, latent: dict) -> dict:
 EXAMPLE_SIDE = 256  # the largest image side precision="auto" measures on (time grows with the pixels, ratios hardly)
 
 
-def example_sizes(manifest) -> dict:
-    """The native image size, each side capped at EXAMPLE_SIDE (kept a multiple of multiple_of)."""
-    f, multiple = manifest.latent["downsample"], manifest.latent["multiple_of"]
+def example_feeds(manifest, spec, rows: int, seed: int) -> dict:
+    """Inputs as the graphs meet them in a latent-diffusion pipeline, at the native size with each
+    side capped at EXAMPLE_SIDE: the encoder smooth, photo-like images (spec.smooth_images); the
+    decoder a diffusion model's N(0, 1) latents unscaled as `decode(z, scaled=True)` does
+    (z / scaling_factor + shift_factor), not N(0, 1) raw latents, which would understate the
+    range int8 or bf16 must cover."""
+    lat = manifest.latent
+    f, multiple = lat["downsample"], lat["multiple_of"]
     h, w = (max(multiple, min(side, EXAMPLE_SIDE) // multiple * multiple) for side in manifest.image[1:])
-    return {HEIGHT: h, WIDTH: w, LATENT_HEIGHT: h // f, LATENT_WIDTH: w // f}
+    sizes = {HEIGHT: h, WIDTH: w, LATENT_HEIGHT: h // f, LATENT_WIDTH: w // f}
+    feeds = {t.name: a for t, a in zip(spec.inputs, example_inputs(spec, rows, seed, {}, sizes, manifest.value_range))}
+    if "x" in feeds:
+        feeds["x"] = smooth_images(rows, manifest.image[0], h, w, seed, manifest.value_range)
+    if "z" in feeds:
+        feeds["z"] = (feeds["z"] / np.float32(lat["scaling_factor"]) + np.float32(lat["shift_factor"])).astype(np.float32)
+    return feeds
 
 
 def runtime_class() -> type:
@@ -87,5 +99,5 @@ KIND = register(Kind(
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},
     latent_keys=("z", "mean"), sample_options=("height", "width", "tile"), scorable=True,
-    channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image, example_sizes=example_sizes,
+    channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image, example_feeds=example_feeds,
 ))
