@@ -57,6 +57,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 ASSUMED_BACKENDS = ("cpu", "openvino")  # until vaeinfer.backends exists
 GPU_WORDS = ("cuda", "gpu", "tensorrt", "trt", "rocm", "dml", "directml", "coreml")
 MAX_ERROR = 0.01  # the auto path's error budget (fraction of the reference's range)
+TIE = 0.03  # auto slower than the rival by at most this fraction: a tie (the same engine, timing noise)
 EQUAL_ERROR = 1e-5  # relative errors this close count as equal (fp32 rounding between runtimes)
 BASELINE = "vaeinfer cpu fp32"
 PEERS = ("onnxruntime fp32", "openvino f32", "openvino bf16", "torch eager fp32", "torch bf16 channels-last",
@@ -453,7 +454,8 @@ def summarize(row: dict, rates: dict) -> None:
         return
     best = min(rival, key=lambda k: _ms(rival[k]))
     met = _ms(auto) <= _ms(rival[best])
-    row["verdict"] = {"met": met, "rival": best, "rival_ms": _ms(rival[best]),
+    tie = not met and _ms(auto) <= _ms(rival[best]) * (1 + TIE)
+    row["verdict"] = {"met": met, "tie": tie, "rival": best, "rival_ms": _ms(rival[best]),
                       "speedup": _ms(rival[best]) / _ms(auto),
                       "why": f"auto {_ms(auto):.4g} ms vs {best} {_ms(rival[best]):.4g} ms "
                              f"(the fastest peer with error <= auto's {auto['error']['rel_max']:.2g})"}
@@ -521,7 +523,8 @@ def footer(r: dict) -> list[str]:
         auto_s = (f"{fmt_ms(auto['p50_ms'])} ms, error {auto['rel_max']:.1e}, chose "
                   f"{auto.get('backend') or '?'} {auto.get('precision')} ({auto.get('choice')})")
     v = r["verdict"]
-    verdict = "n/a" if v["met"] is None else ("**yes**" if v["met"] else "**no**")
+    verdict = "n/a" if v["met"] is None else ("**yes**" if v["met"] else
+                                              f"**tie** (within {TIE:.0%})" if v.get("tie") else "**no**")
     return [(f"- **{r['row']}**: fastest {f['cell']} {fmt_ms(f['p50_ms'])} ms{speed}; fastest peer {peer_s}; "
             f"auto {auto_s}; auto at least as fast as the fastest peer at equal or smaller error: {verdict} ({v['why']})")]
 
