@@ -15,8 +15,11 @@ against fp32 stays within a budget, chosen by measurement on this machine and ca
   max_error of the range, so a path whose average is fine but whose worst pixels are visibly
   wrong (a badly calibrated int8 layer) is refused.
 - Speed: the paths within budget run interleaved (one warm-up, then the median of `ROUNDS`
-  timed blocks) at batch 1 and, for graphs cheap enough that batching can change the winner
-  (a batch-1 call under `CHEAP_CALL_S`), at `LARGE_BATCH`; a call of `LARGE_BATCH` rows or more
+  timed blocks) at the batch buckets `buckets_for` gives: batch 1 always; for graphs cheap enough
+  that batching can change the winner also larger batches (16 and 256 for a batch-1 call under
+  `TINY_CALL_S`, 64 under `CHEAP_CALL_S`); a call takes the choice of the largest bucket its rows
+  reach. The error is measured on `validation_rows` rows (64 for tiny graphs, 8 for cheap ones,
+  else 1: a large image's own pixels are samples enough); a call of a bucket's rows or more
   takes the large-batch choice.
 - Cache: one JSON file per decision under `cache_dir()`, keyed by the graphs' sha256, the CPU
   model and ISA flags, the backends' versions, the thread count, the budget and this module's
@@ -42,12 +45,12 @@ import numpy as np
 from vaeinfer._fs import atomic_write_text
 
 DEFAULT_MAX_ERROR = 0.01  # 1% of the output's range (mean abs): what load(precision="auto") allows by default
-LARGE_BATCH = 64
 PEAK_FACTOR = 10  # the largest single difference may reach this many times max_error (of the range)
-CHEAP_CALL_S = 0.05  # a batch-1 reference call faster than this is also measured at LARGE_BATCH
+TINY_CALL_S = 0.002  # a batch-1 reference call faster than this: buckets (1, 16, 256), errors on 64 rows
+CHEAP_CALL_S = 0.05  # faster than this: buckets (1, 64), errors on 8 rows; slower: batch 1 only, 1 row
 ROUNDS = 5
 BLOCK_S = 0.02  # each timed block repeats a fast call until it takes about this long
-VERSION = 3  # of the decision procedure: a change re-measures
+VERSION = 4  # of the decision procedure: a change re-measures
 
 
 def check_max_error(max_error) -> float:
@@ -68,7 +71,7 @@ class Decision:
 
     role: str
     reference: str  # the fp32 reference path the errors are measured against
-    choice: dict  # batch bucket (1, LARGE_BATCH) -> path "backend/precision"
+    choice: dict  # batch bucket (1, ...) -> path "backend/precision" (buckets with the same path as the one below dropped)
     errors: dict  # path -> measured mean error (fraction of the output range)
     peaks: dict  # path -> measured largest single error (fraction of the output range)
     seconds: dict  # batch bucket -> {path: median seconds per call} (paths within budget)
@@ -127,6 +130,18 @@ def within_budget(mean: float, peak: float, max_error: float) -> bool:
     return mean <= max_error and peak <= PEAK_FACTOR * max_error
 
 
+def buckets_for(first_call_s: float) -> tuple[int, ...]:
+    """The batch sizes to time, from the reference's batch-1 call time."""
+    if first_call_s < TINY_CALL_S:
+        return (1, 16, 256)
+    return (1, 64) if first_call_s < CHEAP_CALL_S else (1,)
+
+
+def validation_rows(first_call_s: float) -> int:
+    """How many rows the errors are measured on."""
+    return 64 if first_call_s < TINY_CALL_S else 8 if first_call_s < CHEAP_CALL_S else 1
+
+
 def _block_time(run: Callable[[], object], calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -140,12 +155,14 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
     of `paths`; `feeds_for(rows)` gives seeded inputs; `warmup(label, feeds)` prepares a path for
     a batch size (e.g. lets the runtime settle its execution mode)."""
     one = feeds_for(1)
+    ref_one = paths[reference](one)  # the first call of a session pays for its set-up: time the second
     t0 = time.perf_counter()
-    ref_one = paths[reference](one)
+    paths[reference](one)
     first = time.perf_counter() - t0
     cheap = first < CHEAP_CALL_S
-    check = feeds_for(8) if cheap else one
-    ref_out = paths[reference](check) if cheap else ref_one
+    rows = validation_rows(first)
+    check = feeds_for(rows) if rows > 1 else one
+    ref_out = paths[reference](check) if rows > 1 else ref_one
     errors, peaks = {}, {}
     for label, run in paths.items():
         try:
@@ -156,7 +173,7 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
             errors[label] = peaks[label] = float("inf")
     within = [label for label in paths if within_budget(errors[label], peaks[label], max_error)]
     seconds, choice = {}, {}
-    for batch in ((1, LARGE_BATCH) if cheap else (1,)):
+    for batch in buckets_for(first):
         feeds = one if batch == 1 else feeds_for(batch)
         for label in within:
             (warmup or (lambda _label, f: paths[_label](f)))(label, feeds)
@@ -169,8 +186,11 @@ def measure(paths: dict[str, Callable[[dict], list]], reference: str, feeds_for:
                 samples[label].append(_block_time(lambda: paths[label](feeds), calls[label]))
         seconds[batch] = {label: statistics.median(s) for label, s in samples.items()}
         choice[batch] = min(within, key=lambda label: (seconds[batch][label], errors[label]))
-    if cheap and choice[LARGE_BATCH] == choice[1]:
-        choice = {1: choice[1]}
+    kept = {}
+    for batch in sorted(choice):  # a bucket that chose what the one below chose adds nothing
+        if not kept or choice[batch] != kept[max(kept)]:
+            kept[batch] = choice[batch]
+    choice = kept
     return Decision(role=role, reference=reference, choice=choice, errors=errors, peaks=peaks, seconds=seconds,
                     max_error=max_error)
 
@@ -204,7 +224,7 @@ def machine_key() -> dict:
 def cache_key(role: str, graphs: dict[str, str], versions: dict[str, str], threads, max_error: float) -> str:
     """graphs: path label -> sha256 of the graph it runs; versions: backend name -> version."""
     key = {"version": VERSION, "role": role, "graphs": graphs, "machine": machine_key(), "backends": versions,
-           "threads": threads, "max_error": max_error, "large_batch": LARGE_BATCH}
+           "threads": threads, "max_error": max_error}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
