@@ -54,8 +54,6 @@ from benchmarks.harness.machine import cpu_seconds, others_since
 from benchmarks.harness.timing import interleaved, stats
 
 PRECISIONS = ("fp32", "bf16", "int8")
-ASSUMED_BACKENDS = ("cpu", "openvino")  # until vaeinfer.backends exists
-GPU_WORDS = ("cuda", "gpu", "tensorrt", "trt", "rocm", "dml", "directml", "coreml")
 MAX_ERROR = 0.01  # the auto path's error budget (fraction of the reference's range)
 TIE = 0.03  # auto slower than the rival by at most this fraction: a tie (the same engine, timing noise)
 EQUAL_ERROR = 1e-5  # relative errors this close count as equal (fp32 rounding between runtimes)
@@ -94,15 +92,12 @@ class NotAvailable(Exception):
 
 
 def cpu_backends() -> tuple[list[str], str]:
-    """vaeinfer's backends that run on a CPU (onnxruntime's "cpu" first), and where the list came from."""
-    try:
-        from vaeinfer import backends
+    """vaeinfer's backends that run on the CPU (the registry's device family "cpu"; onnxruntime's
+    "cpu" first), and where the list came from."""
+    from vaeinfer import backends
 
-        names = list(backends.names())
-    except (ImportError, AttributeError) as e:
-        return list(ASSUMED_BACKENDS), f"assumed: no vaeinfer.backends.names() ({e})"
-    cpu = [n for n in names if not any(w in n.lower() for w in GPU_WORDS)]
-    return sorted(cpu, key=lambda n: n != "cpu"), "vaeinfer.backends.names()"
+    cpu = [b.name for b in backends.REGISTRY.values() if b.device == "cpu"]
+    return sorted(cpu, key=lambda n: n != "cpu"), "vaeinfer.backends.REGISTRY (device 'cpu')"
 
 
 def runner_names(backends: list[str]) -> list[str]:
@@ -228,16 +223,6 @@ def vaeinfer_cell(subject: Subject, threads: int, backend: str | None, precision
     info = {}
     try:
         model = vaeinfer.load(subject.bundle, **kwargs)
-    except TypeError as e:
-        if backend != "cpu" or precision == "auto":
-            raise NotAvailable(f"vaeinfer.load: {e}") from None
-        # no backend= yet: onnxruntime's CPU provider is the only backend there is
-        kwargs.pop("backend")
-        try:
-            model = vaeinfer.load(subject.bundle, **kwargs)
-        except (VaeinferError, ValueError, TypeError) as e2:
-            raise NotAvailable(f"vaeinfer.load: {e2}") from None
-        info["note"] = "vaeinfer.load has no backend= yet: its default (onnxruntime CPU)"
     except (VaeinferError, ValueError) as e:
         raise NotAvailable(f"vaeinfer.load: {e}") from None
     info.update({"precision": model.info.precision, "providers": list(model.info.providers),
