@@ -7,8 +7,8 @@ A clip of 1 + t k frames (t the temporal downsampling, 4 for Wan) has 1 + k late
 - decoder_first: z (N, c, 1, h, w) -> frames (N, C, 1, H, W), next_cache_i (the caches after the
   first latent frame); decoder: z (N, c, 1, h, w), cache_i -> frames (N, C, t, H, W), next_cache_i,
   once per later latent frame;
-- encoder_first: x (N, C, 1, H, W) -> mean, logvar (N, c, 1, h, w), next_cache_i; encoder: x
-  (N, C, t, H, W), cache_i -> mean, logvar, next_cache_i, once per later chunk of t frames.
+- encoder_first: x (N, C, 1, H, W) -> latent_mean, latent_logvar (N, c, 1, h, w), next_cache_i;
+  encoder: x (N, C, t, H, W), cache_i -> latent_mean, latent_logvar, next_cache_i, once per later chunk of t frames.
 
 Each cache i has a shape (N, channels, frames, s h, s w) recorded in the manifest's latent slot
 (`decoder_cache` / `encoder_cache`: [channels, frames, s] each). H = f h, W = f w with f the
@@ -58,8 +58,9 @@ def video_vae_graphs(channels: int, latent_channels: int, downsample: int, tempo
         return (BATCH, c, t, *scaled_axes(s, f))
 
     z = TensorSpec("z", "float32", video(latent_channels, 1, 1))
-    stats = (TensorSpec("mean", "float32", video(latent_channels, 1, 1)),
-             TensorSpec("logvar", "float32", video(latent_channels, 1, 1)))
+    # not "mean": the exporter names the value of an internal torch.mean (Wan 2.2's AvgDown3D) so
+    stats = (TensorSpec("latent_mean", "float32", video(latent_channels, 1, 1)),
+             TensorSpec("latent_logvar", "float32", video(latent_channels, 1, 1)))
     dec_in, dec_out = _caches(decoder_cache, f)
     enc_in, enc_out = _caches(encoder_cache, f)
     return {
