@@ -67,5 +67,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
                                               training_facts(meta))
 
 
-from vaeinfer.export import spatial_vae, vae, vqvae  # noqa: F401  (each registers its exporter)
+from vaeinfer.export import spatial_vae, vae, video_vae, vqvae  # noqa: F401  (each registers its exporter)
 from vaeinfer.export.vae import export_vae

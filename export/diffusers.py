@@ -34,6 +34,7 @@ from vaeinfer.export.graphs import ExportError
 from vaeinfer.export.spatial_vae import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
 
 FAMILIES = ("AutoencoderKL", "AutoencoderTiny", "VQModel")
+VIDEO_FAMILIES = ("AutoencoderKLWan", "AutoencoderKLQwenImage")  # causal video VAEs: export/video_vae.py
 
 
 def _diffusers():
@@ -96,8 +97,8 @@ def load_module(src: str | os.PathLike, config: str | os.PathLike | None = None)
             raise ExportError(f"{src}: expected a diffusers model folder with config.json (as save_pretrained writes)")
         cfg = _read_config(cfg_path)
         family = cfg.get("_class_name")
-        if family not in FAMILIES:
-            raise ExportError(f"{cfg_path}: _class_name {family!r}; supported: {', '.join(FAMILIES)}")
+        if family not in FAMILIES + VIDEO_FAMILIES:
+            raise ExportError(f"{cfg_path}: _class_name {family!r}; supported: {', '.join(FAMILIES + VIDEO_FAMILIES)}")
         try:
             module = getattr(diffusers, family).from_pretrained(str(src), local_files_only=True, torch_dtype=torch.float32)
         except Exception as e:  # diffusers raises many types for a bad folder
@@ -172,6 +173,14 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
     say = progress or (lambda _msg: None)
     src = Path(src)
     module, cfg = load_module(src, config)
+    if type(module).__name__ in VIDEO_FAMILIES:
+        from vaeinfer.export.video_vae import export_video_vae
+
+        if precisions:
+            raise ExportError(f"{type(module).__name__}: precision variants of video VAEs are not made yet; "
+                              "export fp32 (bf16 runs computed on OpenVINO)")
+        return export_video_vae(module, out_dir, name=name or Path(out_dir).name, source=_source(module, cfg, src),
+                                height=height, width=width, progress=progress)
     facts = _facts(module, cfg)
     encoder = facts.pop("encoder")
     native = int(cfg.get("sample_size") or 512)

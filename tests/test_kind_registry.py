@@ -23,6 +23,7 @@ KIND_MODULES = {
     "vae": ("vaeinfer/kinds/vae.py", "vaeinfer/vae.py", "export/vae.py", "training/models.py"),
     "spatial-vae": ("vaeinfer/kinds/spatial_vae.py", "vaeinfer/spatial_vae.py", "export/spatial_vae.py",
                     "training/spatial_vae.py"),
+    "video-vae": ("vaeinfer/kinds/video_vae.py", "vaeinfer/video_vae.py", "export/video_vae.py"),
     "vqvae": ("vaeinfer/kinds/vqvae.py", "vaeinfer/vqvae.py", "export/vqvae.py", "training/vqvae.py",
               "vaeinfer/prior_sampling.py", "export/prior_step.py", "training/pixelcnn.py",
               "training/pixelcnn_prior.py", "training/pixelcnn_step.py"),

@@ -14,6 +14,7 @@ from vaeinfer import kinds
 from vaeinfer import inputs as checks  # not `inputs`: the commands take an argument of that name
 from vaeinfer.cli.common import (_check_out, _load, _progress, _read_images, _spatial_options, _write_images, main,
                                  model_option, op_options, runtime_options)
+from vaeinfer.cli import video
 from vaeinfer.errors import InputError
 from vaeinfer.op_params import SAMPLE, SCORE
 
@@ -49,18 +50,22 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
 
 @main.command()
 @model_option
-@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True))
 @click.option("-o", "--out", default="latents.npz", show_default=True,
               help="Output .npz: VAE mean and logvar (N, Z) (spatial: N, c, h, w; logvar absent for a "
                    "deterministic encoder); VQ-VAE codes (N, h, w) and z_q.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--scaled", is_flag=True, help="Spatial VAE: write diffusion latents ((z - shift) * scaling_factor).")
+@click.option("--scaled", is_flag=True, help="Spatial VAE: write diffusion latents ((z - shift) * scaling_factor); "
+              "video VAE: (mean - latents_mean) / latents_std.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: encode in overlapping, blended tiles of this many image pixels (bounded memory).")
 def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile):
-    """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents."""
-    _check_out(out, (".npz",))
+    """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents; a video model: one
+    clip (a video file, a folder of frames, or a .npy/.npz of N, 3, T, H, W) to .npy (means) or .npz."""
     m = _load(model, device, threads, precision)
+    if video.is_video_model(m):
+        return video.encode(m, inputs, out, batch_size, scaled)
+    _check_out(out, (".npz",))
     result = m.encode(_read_images(m, inputs), batch_size=batch_size, **_spatial_options(m, scaled=scaled, tile=tile))
     arrays = {k: getattr(result, k) for k in result.__dataclass_fields__ if getattr(result, k) is not None}
     image_io.save_arrays(out, **arrays)
@@ -72,19 +77,26 @@ def encode(model, device, threads, precision, inputs, out, batch_size, scaled, t
 @click.argument("latents", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", default="decoded.png", show_default=True, help="Output .png/.jpg/.webp grid, .npy or .npz.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--scaled", is_flag=True, help="Spatial VAE: the latents are diffusion latents (z / scaling_factor + shift).")
+@click.option("--scaled", is_flag=True, help="Spatial VAE: the latents are diffusion latents (z / scaling_factor + shift); "
+              "video VAE: z * latents_std + latents_mean.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (64 = 512 "
                    "image pixels at 8x), in bounded memory.")
-def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile):
-    """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images."""
-    _check_out(out)
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="Video model: frames per second of the video written.")
+def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile, fps):
+    """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images; a
+    video model's (N, c, T, h, w) to .mp4, .webm, .gif, a folder of PNGs (FOLDER/) or .npy/.npz."""
     m = _load(model, device, threads, precision)
+    if not video.is_video_model(m):
+        _check_out(out)
     arrays = image_io.load_arrays(latents)
     keys = (*kinds.get(m.info.kind).latent_keys, "arr_0")  # arr_0: a plain np.savez
     key = next((k for k in keys if k in arrays), None)
     if key is None:
         raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
+    if video.is_video_model(m):
+        return video.decode(m, arrays[key], out, batch_size, scaled, fps)
     options = _spatial_options(m, scaled=scaled, tile=tile)
     z = arrays[key]
     total = m.tile_count(np.shape(z), tile) if tile and np.ndim(z) == 4 else (len(z) if np.ndim(z) else 1)

@@ -76,4 +76,4 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-from vaeinfer.kinds import spatial_vae, vae, vqvae  # noqa: E402,F401  (each registers itself)
+from vaeinfer.kinds import spatial_vae, vae, video_vae, vqvae  # noqa: E402,F401  (each registers itself)

@@ -1,0 +1,174 @@
+"""Video VAEs (kind "video-vae"): tiny random Wan 2.1, Wan 2.2 (patch_size 2, is_residual) and
+Qwen-Image configs saved with save_pretrained, exported through `from_diffusers` (which validates
+the step graphs against diffusers' own whole-clip decode / encode), then run through the Python
+API, the CLI and the server against the diffusers module."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from click.testing import CliRunner  # noqa: E402
+
+import vaeinfer  # noqa: E402
+from vaeinfer.cli import main  # noqa: E402
+from vaeinfer.errors import InputError  # noqa: E402
+from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
+from vaeinfer.export.video_vae import clips  # noqa: E402
+
+TOL = 1e-3  # whole clips against diffusers (the export's CLIP_TOLERANCE)
+STATS = {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.5, 2.0, 1.0]}
+
+
+def _wan21():
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[True, True], **STATS)
+
+
+def _wan22():
+    return diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[True, True], is_residual=True, patch_size=2,
+                                      in_channels=12, out_channels=12, scale_factor_spatial=8, **STATS)
+
+
+def _qwen():
+    return diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                            temperal_downsample=[True, True], **STATS)
+
+
+FAMILIES = {"wan21": _wan21, "wan22": _wan22, "qwen": _qwen}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (diffusers module, bundle path)."""
+    out = {}
+    for name, make in FAMILIES.items():
+        torch.manual_seed(0)
+        module = make().eval()
+        src = tmp_path_factory.mktemp(name) / "model"
+        module.save_pretrained(src)
+        out[name] = (module, from_diffusers(src, src.parent / "bundle", height=32, width=32))
+    return out
+
+
+def _latents(module, n, t, h, w, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, module.config.z_dim, t, h, w), dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_records_the_facts_and_the_whole_clip_checks(exported, family):
+    module, path = exported[family]
+    manifest = json.loads((path / "manifest.json").read_text())
+    lat = manifest["latent"]
+    assert manifest["kind"] == vaeinfer.load(path).info.kind
+    assert lat["temporal_downsample"] == 4 and lat["latents_std"] == STATS["latents_std"]
+    assert lat["downsample"] == (8 if family == "wan22" else 4) and lat["patch_size"] == (2 if family == "wan22" else 1)
+    assert set(manifest["graphs"]) == {"decoder_first", "decoder", "encoder_first", "encoder"}
+    clips_check = manifest["export"]["parity"]["clips"]
+    assert clips_check["frames"] == [1, 5, 9]
+    for key in ("decode", "encode_mean", "encode_logvar"):
+        assert clips_check[f"{key}_max_abs_err"] <= TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decode_and_encode_match_diffusers(exported, family):
+    module, path = exported[family]
+    m = vaeinfer.load(path)
+    f = m.downsample
+    for n, t, (h, w) in ((1, 1, (2, 2)), (2, 4, (3, 2))):  # 1 and 13 frames, a size the export did not check
+        z = _latents(module, n, t, h, w, seed=t)
+        with torch.no_grad():
+            ref = module.decode(torch.from_numpy(z)).sample.numpy()
+        got = m.decode(z)
+        assert got.shape == ref.shape == (n, 3, 1 + 4 * (t - 1), h * f, w * f)
+        assert np.abs(got - ref).max() <= TOL
+        x = clips(n, 1 + 4 * (t - 1), h * f, w * f, seed=t)
+        with torch.no_grad():
+            dist = module.encode(torch.from_numpy(x)).latent_dist
+        post = m.encode(x)
+        assert post.mean.shape == tuple(dist.mean.shape) == (n, 4, t, h, w)
+        assert np.abs(post.mean - dist.mean.numpy()).max() <= TOL
+        assert np.abs(post.logvar - dist.logvar.numpy()).max() <= TOL
+
+
+def test_stream_equals_whole_bit_for_bit_and_scaled_latents(exported):
+    module, path = exported["wan21"]
+    m = vaeinfer.load(path)
+    z = _latents(module, 2, 3, 2, 3)
+    whole = m.decode(z)
+    parts = list(m.decode_stream(z))
+    assert [p.shape[2] for p in parts] == [1, 4, 4]
+    assert np.array_equal(np.concatenate(parts, axis=2), whole)
+    x = clips(1, 9, 8, 12, seed=3)
+    post = m.encode(x)
+    frames = (x[:, :, i] for i in range(x.shape[2]))  # an iterable of single frames, read as consumed
+    streamed = list(m.encode_stream(frames))
+    assert np.array_equal(np.concatenate([p.mean for p in streamed], axis=2), post.mean)
+    # diffusion latents: (mean - latents_mean) / latents_std, decoded back as z * std + mean
+    mean, std = (np.asarray(STATS[k], np.float32).reshape(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    scaled = m.encode(x, scaled=True)
+    np.testing.assert_allclose(scaled.mean, (post.mean - mean) / std, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.decode(scaled.mean, scaled=True), m.decode(post.mean), atol=1e-5)
+
+
+def test_frame_count_and_shape_errors_say_what_to_do(exported):
+    _, path = exported["wan21"]
+    m = vaeinfer.load(path)
+    with pytest.raises(InputError, match=r"1 \+ 4 k frames.*got 7: pad to 9 frames"):
+        m.encode(clips(1, 7, 8, 8, seed=0))
+    with pytest.raises(InputError, match="pad to 5 frames"):
+        list(m.encode_stream(iter([clips(1, 3, 8, 8, seed=0)])))
+    with pytest.raises(InputError, match="multiples of 4"):
+        m.encode(clips(1, 5, 10, 8, seed=0))
+    with pytest.raises(InputError, match=r"\(N, 4, T, h, w\)"):
+        m.decode(np.zeros((1, 4, 2, 2), np.float32))
+
+
+def test_cli_decodes_to_gif_mp4_and_pngs_and_encodes_a_video(exported, tmp_path):
+    av = pytest.importorskip("av")
+    module, path = exported["wan21"]
+    z = _latents(module, 1, 3, 4, 4)
+    np.save(tmp_path / "z.npy", z)
+    runner = CliRunner()
+    for out in ("clip.gif", "clip.mp4", "frames/"):
+        r = runner.invoke(main, ["decode", "-m", str(path), str(tmp_path / "z.npy"), "-o", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 9
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+    r = runner.invoke(main, ["encode", "-m", str(path), str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "z2.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "z2.npy").shape == (1, 4, 3, 4, 4)
+    r = runner.invoke(main, ["encode", "-m", str(path), str(tmp_path / "frames"), "-o", str(tmp_path / "z3.npz")])
+    assert r.exit_code == 0, r.output
+    # the PNG frames are the decoded clip rounded to 8 bits: their latents are close to the mp4's
+    assert np.load(tmp_path / "z3.npz")["mean"].shape == (1, 4, 3, 4, 4)
+
+
+def test_server_decodes_a_clip(exported):
+    pytest.importorskip("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from vaeinfer.serve.app import create_app
+    from vaeinfer.serve.config import ServeConfig
+
+    module, path = exported["qwen"]
+    z = _latents(module, 1, 2, 2, 2)
+    buf = io.BytesIO()
+    np.save(buf, z)
+    with TestClient(create_app(ServeConfig(models=(str(path),)))) as client:
+        name = next(iter(client.app.state.served))
+        r = client.post(f"/v1/models/{name}/decode", content=buf.getvalue(),
+                        headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+        assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.load(io.BytesIO(r.content)), vaeinfer.load(path).decode(z))
