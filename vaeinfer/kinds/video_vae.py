@@ -23,7 +23,7 @@ import numpy as np
 from vaeinfer.errors import BundleError
 from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import finite, get, positive
-from vaeinfer.spec import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec
+from vaeinfer.spec import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec, example_inputs
 
 FIRST = {"decoder": "decoder_first", "encoder": "encoder_first"}  # the role of each step graph's first call
 MAX_CACHES = 4096
@@ -122,7 +122,14 @@ def feeds_from_encoder(manifest, enc, labels, rng) -> dict:
 EXAMPLE_SIDE = 128  # the largest frame side precision="auto" measures on
 
 
-def example_sizes(manifest) -> dict:
+def example_feeds(manifest, spec, rows: int, seed: int) -> dict:
+    """Seeded inputs of one step graph (spec.example_inputs) at the native frame size, each side
+    capped at EXAMPLE_SIDE (precision="auto" measures on them)."""
+    arrays = example_inputs(spec, rows, seed, {}, _example_sizes(manifest), manifest.value_range)
+    return {t.name: a for t, a in zip(spec.inputs, arrays)}
+
+
+def _example_sizes(manifest) -> dict:
     """{axis: size} for every symbolic axis of the graphs at the native size, each side capped."""
     f = manifest.latent["downsample"]
     h, w = (max(2, min(side, EXAMPLE_SIDE) // f) for side in manifest.image[1:])
@@ -149,5 +156,5 @@ KIND = register(Kind(
     name="video-vae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=lambda m: {},
     latent_keys=("z", "mean"), sample_options=("height", "width"), channels=(3,), likelihoods=("gaussian",), scale_optional=True,
-    parse_image=parse_image, example_sizes=example_sizes,
+    parse_image=parse_image, example_feeds=example_feeds,
 ))
