@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The GPU run, prepared: on a machine with an NVIDIA GPU, install onnxruntime-gpu into a venv of
-# its own, check that it has the CUDA provider, run the CUDA tests and the CUDA benchmark, and
-# write the results under benchmarks/results/ (gpu.md, gpu.json, gpu.png, gpu-tests.txt,
-# gpu-run.md). Every step has its own time limit; the limits add up to 460 s, under 8 minutes.
+# its own, check that it has the CUDA provider, run the CUDA tests, the CUDA benchmark and the
+# side-by-side table of every CUDA path (vaeinfer's CUDA and TensorRT backends x fp32/fp16/int8 and
+# auto against raw onnxruntime CUDA and PyTorch eager fp32/fp16/bf16), and write the results under
+# benchmarks/results/ (gpu.md, gpu.json, gpu.png, gpu-tests.txt, gpu-run.md, cpu_paths-cuda.md,
+# cpu_paths-cuda.json). Every step has its own time limit; the limits add up to 475 s, under 8
+# minutes. The side-by-side table runs its rows cheapest first and rewrites its files after each
+# row: when its limit cuts it short (on a fresh machine the SD row does not fit: its export on the
+# CPU, then TensorRT engines, take minutes), the files hold the rows it finished and name the rest,
+# the script says so and still succeeds; a rerun reuses .gpu-work/ (the exported SD/TAESD bundles)
+# and the TensorRT engine cache (~/.cache/vaeinfer/tensorrt). Any other failure fails the script.
 #
 #   bash benchmarks/gpu.sh [--dry-run] [WHEEL]
 #
@@ -19,7 +26,7 @@ wheel="${ORT_GPU_WHEEL:-}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) wheel="$arg" ;;
   esac
 done
@@ -27,6 +34,8 @@ python="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 venv=.gpu-venv
 results=benchmarks/results
 cuda_tests=(tests/test_io_binding.py tests/test_runtime.py tests/test_cli.py tests/test_bench.py)
+# the side-by-side rows, cheapest first (each row's results are written before the next starts)
+paths_rows=mnist-vae-b256,taesd-dec-512,sd-dec-512
 start=$(date +%s)
 
 step() {  # step SECONDS DESCRIPTION COMMAND...: run with a time limit, or print it in a dry run
@@ -44,7 +53,7 @@ need() {  # the files a step uses must exist (checked in the dry run too)
   done
 }
 
-need benchmarks/speed/peers.py "${cuda_tests[@]}" vaeinfer/models
+need benchmarks/speed/peers.py benchmarks/speed/cpu_paths.py "${cuda_tests[@]}" vaeinfer/models
 if [ -n "$wheel" ]; then need "$wheel"; fi
 command -v timeout >/dev/null || { echo "gpu.sh: needs coreutils timeout"; exit 1; }
 if [ "$dry" = 0 ]; then
@@ -52,20 +61,34 @@ if [ "$dry" = 0 ]; then
 fi
 mkdir -p "$results"
 
-step 40 "venv for onnxruntime-gpu (reusing $python's packages)" \
+step 20 "venv for onnxruntime-gpu (reusing $python's packages)" \
   bash -c "rm -rf $venv && $python -m venv --system-site-packages $venv"
 # the CPU onnxruntime must not shadow the GPU one: uninstall it in the venv's view first
-step 110 "install onnxruntime-gpu ${wheel:-from PyPI}" \
+step 100 "install onnxruntime-gpu ${wheel:-from PyPI}" \
   bash -c "$venv/bin/pip uninstall -y -q onnxruntime >/dev/null 2>&1 || true; \
            $venv/bin/pip install -q --no-deps ${wheel:-onnxruntime-gpu} && \
            $venv/bin/pip install -q ${wheel:-onnxruntime-gpu}"
-step 20 "the CUDA provider is available" \
+step 15 "the CUDA provider is available" \
   "$venv/bin/python" -c "import onnxruntime as o; p = o.get_available_providers(); print(o.__version__, p); \
 assert 'CUDAExecutionProvider' in p, p"
-step 120 "CUDA tests (IO binding, CUDA graphs, device='cuda' errors)" \
+step 100 "CUDA tests (IO binding, CUDA graphs, device='cuda' errors)" \
   bash -c "PYTHONPATH=\$PWD $venv/bin/python -m pytest -q -x -p no:cacheprovider -k 'cuda or binding or device' \
            ${cuda_tests[*]} 2>&1 | tee $results/gpu-tests.txt; exit \${PIPESTATUS[0]}"
-step 170 "python -m benchmarks.speed.peers --device cuda" \
+step 120 "python -m benchmarks.speed.peers --device cuda" \
   bash -c "PYTHONPATH=\$PWD $venv/bin/python -m benchmarks.speed.peers --device cuda --no-coldstart --min-time 0.5 \
            --note 'benchmarks/gpu.sh' > $results/gpu-run.md"
-echo "== done in $(( $(date +%s) - start ))s; results: $results/gpu.md $results/gpu.json $results/gpu-tests.txt"
+# the last step: a timeout here keeps the rows it finished (and the steps before), reported, not fatal
+paths=0
+step 120 "python -m benchmarks.speed.cpu_paths --device cuda (every CUDA path side by side)" \
+  bash -c "PYTHONPATH=\$PWD $venv/bin/python -m benchmarks.speed.cpu_paths --device cuda --rows $paths_rows \
+           --no-compile --workdir .gpu-work > /dev/null" || paths=$?
+case "$paths" in
+  0) ;;
+  124|137) echo "gpu.sh: cpu_paths --device cuda reached its time limit; $results/cpu_paths-cuda.md holds the rows" \
+                "it finished and names the others (for all of them, run the command above without the limit)"
+           paths=0 ;;
+  *) echo "gpu.sh: cpu_paths --device cuda failed (exit $paths)" ;;
+esac
+echo "== done in $(( $(date +%s) - start ))s; results: $results/gpu.md $results/gpu.json $results/gpu-tests.txt" \
+     "$results/cpu_paths-cuda.md $results/cpu_paths-cuda.json"
+exit "$paths"

@@ -3,8 +3,10 @@ against fp32: is vaeinfer's auto path at least as fast as the fastest peer at eq
 
     python -m benchmarks.speed.cpu_paths --workdir bench-work   # the full table (~35 min on 2 cores)
     python -m benchmarks.speed.cpu_paths --quick --no-compile   # tiny configs and sizes: a smoke run
+    python -m benchmarks.speed.cpu_paths --device cuda --workdir .gpu-work   # the same on a GPU
     options: --rows a,b (see --help for the names), --threads N (default 2), --rounds R,
-             --no-compile, --workdir DIR (keep the exported bundles for the next run), --out DIR
+             --no-compile, --workdir DIR (keep the exported bundles for the next run), --out DIR,
+             --device cpu|cuda (default cpu)
 
 - rows: Stable Diffusion's AutoencoderKL (random-init weights, benchmarks.speed.diffusers_models)
   decoder at 256x256 and 512x512 and encoder at 256x256, batch 1; TAESD's decoder at 512x512,
@@ -29,7 +31,19 @@ against fp32: is vaeinfer's auto path at least as fast as the fastest peer at eq
   spins after its call (inductor's OpenMP) slows the next cell's sub-millisecond calls (MNIST
   batch 1: torch eager fp32 ~1 ms with --no-compile, tens of ms with the compile cells). Compare
   small rows with a --no-compile run.
-Writes DIR/cpu_paths.json and DIR/cpu_paths.md (--quick: cpu_paths-quick.*; default DIR: benchmarks/results).
+- --device cuda (`DEVICES`, the one table of what differs by device): vaeinfer for each backend of
+  the registry's device family "cuda" (onnxruntime CUDA, TensorRT) x the precisions it declares
+  (fp32; fp16: the bundle's fp16 variant, TensorRT building fp16 engines, cached; int8), and auto
+  on device "cuda"; raw onnxruntime on the CUDA provider (vaeinfer's CUDA provider options, TF32
+  off); PyTorch on the GPU: eager fp32, fp16 and bf16 autocast with channels-last, torch.compile
+  fp32 and bf16; no OpenVINO cells. TF32 is off in PyTorch too (fp32 means fp32), the matmul rates
+  are fp32, fp16 and bf16 at 8192^3, and the SD/TAESD bundles get an fp16 variant besides int8.
+  Every cell takes a host array and returns one (the PyTorch cells' inputs are on the GPU before
+  the call, their outputs are copied back and synchronized in it). It refuses to start (exit 2)
+  where neither onnxruntime's CUDA provider nor torch.cuda is there; where one of them is, the
+  other's cells are "n/a (reason)".
+Writes DIR/cpu_paths.json and DIR/cpu_paths.md (--quick: cpu_paths-quick.*; --device cuda:
+cpu_paths-cuda.* and cpu_paths-cuda-quick.*; default DIR: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -53,11 +67,12 @@ from benchmarks.harness.cli import description, name_list
 from benchmarks.harness.machine import cpu_seconds, others_since
 from benchmarks.harness.timing import interleaved, stats
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")  # the CPU table's vaeinfer precisions, for every CPU backend
 MAX_ERROR = 0.01  # the auto path's error budget (fraction of the reference's range)
 TIE = 0.03  # auto slower than the rival by at most this fraction: a tie (the same engine, timing noise)
 EQUAL_ERROR = 1e-5  # relative errors this close count as equal (fp32 rounding between runtimes)
 BASELINE = "vaeinfer cpu fp32"
+TITLE = "CPU paths side by side: vaeinfer's backends and precisions against its peers"
 PEERS = ("onnxruntime fp32", "openvino f32", "openvino bf16", "torch eager fp32", "torch bf16 channels-last",
          "torch.compile fp32", "torch.compile bf16")
 
@@ -83,6 +98,46 @@ ROWS = (Row("sd-dec-256", SD, "kl", "decoder", 256, 1, 32), Row("sd-dec-512", SD
 QUICK_ROWS = ("sd-dec-256", "taesd-dec-512", "mnist-vae-b1")
 
 
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Everything that differs between the CPU and the GPU table (one entry of `DEVICES`)."""
+
+    name: str  # vaeinfer's device string and the registry's device family: "cpu" | "cuda"
+    title: str
+    stem: str  # the results files' stem (--quick appends "-quick")
+    torch_device: str
+    vaeinfer_precisions: tuple[str, ...] | None  # for every backend; None: each backend's declared ones
+    openvino: tuple[str, ...]  # OpenVINO CPU plugin cells (inference precision hints)
+    torch_low: tuple[str, ...]  # the autocast dtypes of the channels-last eager cells
+    torch_compiled: tuple[str, ...]  # torch.compile cells: "fp32" and/or autocast dtypes
+    matmul: tuple[str, ...]  # the dtypes of the matmul rates
+    matmul_n: tuple[int, int]  # its size (full, --quick)
+    variants: tuple[str, ...]  # the SD/TAESD bundles' precision variants
+    rounds: tuple[int, int]  # default rounds (SD/TAESD, MNIST), without --quick
+    tf32: bool = False  # PyTorch's TF32 switches for the run (on a GPU)
+    export_all_cores: bool = False  # export the SD/TAESD bundles with all cores (the cells' --threads do not apply)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.torch_device != "cpu"
+
+    @property
+    def baseline(self) -> str:
+        return f"vaeinfer {self.name} fp32"
+
+    def stem_for(self, quick: bool) -> str:
+        return f"{self.stem}-quick" if quick else self.stem
+
+
+DEVICES = {
+    "cpu": DeviceSpec("cpu", TITLE, "cpu_paths", "cpu", PRECISIONS, ("f32", "bf16"), ("bf16",), ("fp32", "bf16"), ("fp32", "bf16"),
+                      (2048, 256), ("int8",), (3, 20)),
+    "cuda": DeviceSpec("cuda", "CUDA paths side by side: vaeinfer's GPU backends and precisions against its peers",
+                       "cpu_paths-cuda", "cuda", None, (), ("fp16", "bf16"), ("fp32", "bf16"), ("fp32", "fp16", "bf16"),
+                       (8192, 1024), ("int8", "fp16"), (10, 50), tf32=False, export_all_cores=True),
+}
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -91,36 +146,108 @@ class NotAvailable(Exception):
     """A cell that cannot run here; its message is the reason shown in the table."""
 
 
-def cpu_backends() -> tuple[list[str], str]:
-    """vaeinfer's backends that run on the CPU (the registry's device family "cpu"; onnxruntime's
-    "cpu" first), and where the list came from."""
+def device_backends(device: str = "cpu") -> tuple[list[str], str]:
+    """vaeinfer's backends of one device family (the registry's `device`; the family's default
+    backend first: onnxruntime's "cpu" / "cuda"), and where the list came from."""
     from vaeinfer import backends
 
-    cpu = [b.name for b in backends.REGISTRY.values() if b.device == "cpu"]
-    return sorted(cpu, key=lambda n: n != "cpu"), "vaeinfer.backends.REGISTRY (device 'cpu')"
+    family = [b for b in backends.REGISTRY.values() if b.device == device]
+    return [b.name for b in sorted(family, key=lambda b: not b.default)], f"vaeinfer.backends.REGISTRY (device '{device}')"
 
 
-def runner_names(backends: list[str]) -> list[str]:
-    return [*(f"vaeinfer {b} {p}" for b in backends for p in PRECISIONS), "vaeinfer auto", *PEERS]
+def cpu_backends() -> tuple[list[str], str]:
+    return device_backends("cpu")
+
+
+def vaeinfer_cells(backends: list[str], device: str = "cpu") -> list[tuple[str, str, str]]:
+    """(cell name, backend, precision) of the vaeinfer cells other than auto."""
+    from vaeinfer.backends import REGISTRY
+
+    spec = DEVICES[device]
+    return [(f"vaeinfer {b} {p}", b, p) for b in backends
+            for p in (spec.vaeinfer_precisions or (REGISTRY[b].precisions if b in REGISTRY else ("fp32",)))]
+
+
+def peer_names(device: str = "cpu") -> tuple[str, ...]:
+    """The non-vaeinfer cells of a device's table (on the CPU: `PEERS`)."""
+    spec = DEVICES[device]
+    return ("onnxruntime fp32", *(f"openvino {p}" for p in spec.openvino), "torch eager fp32",
+            *(f"torch {p} channels-last" for p in spec.torch_low), *(f"torch.compile {p}" for p in spec.torch_compiled))
+
+
+def runner_names(backends: list[str], device: str = "cpu") -> list[str]:
+    return [*(n for n, _, _ in vaeinfer_cells(backends, device)), "vaeinfer auto", *peer_names(device)]
+
+
+def unusable(device: str, torch) -> str | None:
+    """Why `device` cannot be benchmarked here at all (None: it can; on "cuda", one of onnxruntime's
+    CUDA provider or torch.cuda is enough, the other's cells are then n/a)."""
+    if device == "cpu":
+        return None
+    from vaeinfer import backends
+
+    family = [b for b in backends.REGISTRY.values() if b.device == device]
+    if any(b.is_available() for b in family):
+        return None
+    why = torch_unready(device, torch)
+    if why is None:
+        return None
+    import onnxruntime as ort
+
+    return (f"--device {device}: no CUDA here: onnxruntime {ort.__version__} has none of "
+            f"{', '.join(b.title for b in family)} (its providers: {', '.join(ort.get_available_providers())}) and {why}; "
+            "run it where onnxruntime-gpu and a CUDA build of torch see a GPU (benchmarks/gpu.sh)")
+
+
+def torch_unready(device: str, torch) -> str | None:
+    """Why PyTorch cannot run on `device` here, or None."""
+    if torch is None:
+        return "no torch"
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"torch {torch.__version__} has no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def setup_torch(torch, spec: DeviceSpec) -> None:
+    """The run's PyTorch switches: on a CUDA device TF32 as the table says (off: fp32 cells are fp32)."""
+    if spec.on_gpu and torch is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = spec.tf32
+        torch.backends.cudnn.allow_tf32 = spec.tf32
 
 
 # --- the machine's matmul rates -----------------------------------------------------------------
 
-def matmul_rates(torch, threads: int, n: int = 2048, reps: int = 5) -> dict:
-    """GFLOP/s of an n x n x n torch matmul in fp32 and bf16 (best of `reps`, after one warm-up)."""
+def matmul_rates(torch, threads: int, n: int = 2048, reps: int = 5, device: str = "cpu",
+                 dtypes=("fp32", "bf16")) -> dict:
+    """GFLOP/s of an n x n x n torch matmul in each of `dtypes` on `device` (best of `reps`, after
+    one warm-up; on a GPU synchronized, TF32 as `setup_torch` left it)."""
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = {"n": n, "threads": threads, "library": f"torch {torch.__version__}"}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        g = torch.Generator().manual_seed(0)
-        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    if device.startswith("cuda"):
+        out.update(device=torch.cuda.get_device_name(), tf32=torch.backends.cuda.matmul.allow_tf32)
+    for label in dtypes:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g, device=device).to(getattr(torch, DTYPES[label])) for _ in range(2))
         a @ b
+        sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t)
         out[f"{label}_gflops"] = 2.0 * n ** 3 / best / 1e9
+        del a, b
     return out
+
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
+
+
+def rate_labels(rates: dict) -> list[str]:
+    """The dtypes a rates dict holds ("fp32", "bf16", ...), in its order."""
+    return [k.removesuffix("_gflops") for k in rates if k.endswith("_gflops")]
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -211,11 +338,12 @@ def _mnist_subject(row: Row, use_torch: bool) -> Subject:
 
 # --- the cells ----------------------------------------------------------------------------------
 
-def vaeinfer_cell(subject: Subject, threads: int, backend: str | None, precision: str) -> tuple[Callable, dict]:
+def vaeinfer_cell(subject: Subject, threads: int, backend: str | None, precision: str,
+                  device: str = "cpu") -> tuple[Callable, dict]:
     import vaeinfer
     from vaeinfer.errors import VaeinferError
 
-    kwargs = {"device": "cpu", "precision": precision, "threads": threads}
+    kwargs = {"device": device, "precision": precision, "threads": threads}
     if precision == "auto":
         kwargs["max_error"] = MAX_ERROR
     else:
@@ -234,15 +362,32 @@ def vaeinfer_cell(subject: Subject, threads: int, backend: str | None, precision
     return (lambda: subject.call(model, x)), info
 
 
-def ort_cell(subject: Subject, threads: int) -> tuple[Callable, dict]:
+def ort_providers(device: str) -> list:
+    """Raw onnxruntime's providers on `device`: the CPU provider, or vaeinfer's CUDA provider options
+    (heuristic cuDNN algorithm search, TF32 off) then the CPU for what CUDA does not take."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    from vaeinfer.backends import onnxruntime_cuda
+
+    return [(onnxruntime_cuda.PROVIDER, onnxruntime_cuda.provider_options(0)), "CPUExecutionProvider"]
+
+
+def ort_cell(subject: Subject, threads: int, device: str = "cpu") -> tuple[Callable, dict]:
     import onnxruntime as ort
 
+    providers = ort_providers(device)
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if first not in ort.get_available_providers():
+        raise NotAvailable(f"onnxruntime {ort.__version__} has no {first} ({', '.join(ort.get_available_providers())})")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(subject.graph), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(subject.graph), opts, providers=providers)
+    if sess.get_providers()[0] != first:  # onnxruntime falls back silently when a provider fails to start
+        raise NotAvailable(f"onnxruntime bound {sess.get_providers()}, not {first}")
     feed = {sess.get_inputs()[0].name: subject.x}
-    return (lambda: subject.post(sess.run(None, feed)[0])), {"onnxruntime": ort.__version__}
+    info = {"onnxruntime": ort.__version__, "providers": sess.get_providers()}
+    return (lambda: subject.post(sess.run(None, feed)[0])), info
 
 
 def openvino_cell(subject: Subject, threads: int, precision: str) -> tuple[Callable, dict]:
@@ -263,11 +408,14 @@ def openvino_cell(subject: Subject, threads: int, precision: str) -> tuple[Calla
                                                               "capabilities": list(caps)}
 
 
-def bf16_channels_last(module):
-    """A copy of `module` in channels-last memory that runs under bf16 autocast (outputs back to fp32)."""
+def autocast_channels_last(module, dtype: str = "bf16", device: str = "cpu"):
+    """A copy of `module` in channels-last memory that runs under `dtype` autocast on `device`'s
+    type (outputs back to fp32)."""
     import torch
 
-    class Bf16ChannelsLast(torch.nn.Module):
+    kind, low = torch.device(device).type, getattr(torch, DTYPES[dtype])
+
+    class AutocastChannelsLast(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = copy.deepcopy(inner).to(memory_format=torch.channels_last)
@@ -275,35 +423,51 @@ def bf16_channels_last(module):
         def forward(self, x):
             if x.dim() == 4 and x.is_floating_point():
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(kind, dtype=low):
                 out = self.inner(x)
             return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
-    return Bf16ChannelsLast(module).eval()
+    return AutocastChannelsLast(module).eval()
 
 
-def torch_cells(subject: Subject, compile_: bool) -> dict:
-    """name -> (fn, info) or NotAvailable, for the four PyTorch cells (compile time in info)."""
+def bf16_channels_last(module):
+    """A copy of `module` in channels-last memory that runs under bf16 autocast (outputs back to fp32)."""
+    return autocast_channels_last(module, "bf16", "cpu")
+
+
+def torch_cells(subject: Subject, compile_: bool, device: str = "cpu") -> dict:
+    """name -> (fn, info) or NotAvailable, for the device's PyTorch cells (compile time in info)."""
+    spec = DEVICES[device]
+    names = [k for k in peer_names(device) if k.startswith("torch")]
     if subject.module is None:
-        return {k: NotAvailable(f"no PyTorch module: {subject.module_note}") for k in PEERS if k.startswith("torch")}
+        return {k: NotAvailable(f"no PyTorch module: {subject.module_note}") for k in names}
     import torch
 
+    why = torch_unready(device, torch)
+    if why is not None:
+        return {k: NotAvailable(why) for k in names}
     from benchmarks.speed.peers import TorchRunner
 
-    def numpy_of(fn):
-        return lambda: fn().float().numpy()
+    def numpy_of(fn):  # host out: the copy back (a no-op on the CPU) is in the timed call
+        return lambda: fn().float().cpu().numpy()
 
+    info = {"torch": torch.__version__}
+    if spec.on_gpu:
+        info.update(device=torch.cuda.get_device_name(), tf32=torch.backends.cuda.matmul.allow_tf32)
     out = {}
-    for label, module in (("fp32", subject.module), ("bf16", None)):
-        eager_name = "torch eager fp32" if label == "fp32" else "torch bf16 channels-last"
+    for label in ("fp32", *spec.torch_low):
+        eager_name = "torch eager fp32" if label == "fp32" else f"torch {label} channels-last"
+        compiled = label in spec.torch_compiled
         try:
-            if module is None:
-                module = bf16_channels_last(subject.module)
-            runner = TorchRunner(torch, module, subject.torch_post)
-            out[eager_name] = (numpy_of(runner.eager(subject.x)), {"torch": torch.__version__})
+            module = subject.module if label == "fp32" else autocast_channels_last(subject.module, label, spec.torch_device)
+            runner = TorchRunner(torch, module, subject.torch_post, device=spec.torch_device)
+            out[eager_name] = (numpy_of(runner.eager(subject.x)), dict(info))
         except Exception as e:  # noqa: BLE001 - a cell that fails is reported, not fatal
             out[eager_name] = NotAvailable(f"{type(e).__name__}: {e}")
-            out[f"torch.compile {label}"] = NotAvailable("eager failed")
+            if compiled:
+                out[f"torch.compile {label}"] = NotAvailable("eager failed")
+            continue
+        if not compiled:
             continue
         if not compile_:
             out[f"torch.compile {label}"] = NotAvailable("--no-compile")
@@ -311,7 +475,7 @@ def torch_cells(subject: Subject, compile_: bool) -> dict:
         try:
             log(f"    torch.compile {label}")
             # a copy of its own: inductor's frozen weights never touch the eager cell's module
-            runner = TorchRunner(torch, copy.deepcopy(module), subject.torch_post)
+            runner = TorchRunner(torch, copy.deepcopy(module), subject.torch_post, device=spec.torch_device)
             fn = runner.compile(subject.x)
             out[f"torch.compile {label}"] = (numpy_of(fn), {"compile_s": runner.compile_s[len(subject.x)]})
         except Exception as e:  # noqa: BLE001
@@ -319,8 +483,9 @@ def torch_cells(subject: Subject, compile_: bool) -> dict:
     return out
 
 
-def make_cells(subject: Subject, names: list[str], backends: list[str], threads: int, compile_: bool) -> dict:
-    """Every runner of `names`: (fn, info), or NotAvailable."""
+def make_cells(subject: Subject, names: list[str], backends: list[str], threads: int, compile_: bool,
+               device: str = "cpu") -> dict:
+    """Every runner of `names` (see `runner_names`): (fn, info), or NotAvailable."""
     cells: dict = {}
 
     def attempt(name, make):
@@ -333,14 +498,13 @@ def make_cells(subject: Subject, names: list[str], backends: list[str], threads:
         if isinstance(cells[name], NotAvailable):
             log(f"    {name}: n/a ({cells[name]})")
 
-    for b in backends:
-        for p in PRECISIONS:
-            attempt(f"vaeinfer {b} {p}", lambda b=b, p=p: vaeinfer_cell(subject, threads, b, p))
-    attempt("vaeinfer auto", lambda: vaeinfer_cell(subject, threads, None, "auto"))
-    attempt("onnxruntime fp32", lambda: ort_cell(subject, threads))
-    for p in ("f32", "bf16"):
+    for name, b, p in vaeinfer_cells(backends, device):
+        attempt(name, lambda b=b, p=p: vaeinfer_cell(subject, threads, b, p, device))
+    attempt("vaeinfer auto", lambda: vaeinfer_cell(subject, threads, None, "auto", device))
+    attempt("onnxruntime fp32", lambda: ort_cell(subject, threads, device))
+    for p in DEVICES[device].openvino:
         attempt(f"openvino {p}", lambda p=p: openvino_cell(subject, threads, p))
-    for name, cell in torch_cells(subject, compile_).items():
+    for name, cell in torch_cells(subject, compile_, device).items():
         cells[name] = cell
         if isinstance(cell, NotAvailable):
             log(f"    {name}: n/a ({cell})")
@@ -357,12 +521,13 @@ def flops_of(subject: Subject) -> float | None:
 
     from benchmarks.speed.peers import flops_per_image
 
-    return flops_per_image(subject.module, torch.from_numpy(subject.x[:1])) * len(subject.x)
+    where = next((p.device for p in subject.module.parameters()), torch.device("cpu"))  # a GPU run moved it
+    return flops_per_image(subject.module, torch.from_numpy(subject.x[:1]).to(where)) * len(subject.x)
 
 
 def bench_row(row: Row, size: int, subject: Subject, names: list[str], backends: list[str], threads: int, rounds: int,
-              compile_: bool, rates: dict) -> dict:
-    cells = make_cells(subject, names, backends, threads, compile_)
+              compile_: bool, rates: dict, device: str = "cpu") -> dict:
+    cells = make_cells(subject, names, backends, threads, compile_, device)
     out = {"row": row.name, "group": row.group, "model": row.model, "role": row.role, "batch": row.batch,
            "image": f"{size}x{size}", "rounds": rounds,
            "torch_module": subject.module_note, "cells": {}}
@@ -400,7 +565,7 @@ def bench_row(row: Row, size: int, subject: Subject, names: list[str], backends:
         if flops is not None:
             s["gflops"] = flops / (s["p50_ms"] / 1e3) / 1e9
         out["cells"][name] = s
-    summarize(out, rates)
+    summarize(out, rates, DEVICES[device].baseline)
     return out
 
 
@@ -408,20 +573,21 @@ def _ms(cell: dict) -> float:
     return cell["p50_ms"]
 
 
-def summarize(row: dict, rates: dict) -> None:
-    """The row's verdict: fastest cell (GFLOP/s against the matmul rates), fastest peer, the auto path's
-    choice, and whether auto is at least as fast as the fastest peer at equal or smaller error."""
+def summarize(row: dict, rates: dict, baseline: str = BASELINE) -> None:
+    """The row's verdict: fastest cell (GFLOP/s against the matmul rates), fastest peer (every cell
+    not vaeinfer's), the auto path's choice, and whether auto is at least as fast as the fastest peer
+    at equal or smaller error. `baseline`: the cell the speed ratios divide (vaeinfer's fp32 cell)."""
     timed = {k: v for k, v in row["cells"].items() if "p50_ms" in v}
-    base = timed.get(BASELINE)
+    base = timed.get(baseline)
     for v in timed.values():
         v["vs_vaeinfer_fp32"] = base["p50_ms"] / v["p50_ms"] if base else None
     fastest = min(timed, key=lambda k: _ms(timed[k]))
     row["fastest"] = {"cell": fastest, "p50_ms": _ms(timed[fastest])}
     if row["gflop"] is not None:
         g = row["gflop"] / (_ms(timed[fastest]) / 1e3)
-        row["fastest"].update({"gflops": g, "of_fp32_matmul": g / rates["fp32_gflops"],
-                               "of_bf16_matmul": g / rates["bf16_gflops"]})
-    peers = {k: v for k, v in timed.items() if k in PEERS}
+        row["fastest"]["gflops"] = g
+        row["fastest"].update({f"of_{label}_matmul": g / rates[f"{label}_gflops"] for label in rate_labels(rates)})
+    peers = {k: v for k, v in timed.items() if not k.startswith("vaeinfer ")}
     row["fastest_peer"] = None
     if peers:
         p = min(peers, key=lambda k: _ms(peers[k]))
@@ -460,19 +626,20 @@ def fmt_cell(cell: dict) -> str:
     return f"{fmt_ms(cell['p50_ms'])} ms{vs} {cell['error']['rel_mean']:.1e} / {cell['error']['rel_max']:.1e}"
 
 
-TITLE = "CPU paths side by side: vaeinfer's backends and precisions against its peers"
-
-
 def markdown(report: dict) -> list[str]:
     rates = report["matmul"]
-    lines = [(f"Threads: {report['threads']}; interleaved rounds of one call per cell after a warm-up call, medians "
+    spec = DEVICES[report.get("device", "cpu")]
+    tf32 = {False: " (TF32 off)", True: " (TF32 on)"}.get(rates.get("tf32"), "")
+    mm = ", ".join(f"{g}{tf32 if g == 'fp32' else ''} {rates[f'{g}_gflops']:.0f} GFLOP/s" for g in rate_labels(rates))
+    lines = [*([f"GPU: {rates['device']}; every cell takes and returns host arrays  "] if rates.get("device") else []),
+             (f"Threads: {report['threads']}; interleaved rounds of one call per cell after a warm-up call, medians "
              f"({', '.join(f'{g}: {r}' for g, r in report['rounds'].items())})  "),
-             f"torch matmul {rates['n']}^3: fp32 {rates['fp32_gflops']:.0f} GFLOP/s, bf16 {rates['bf16_gflops']:.0f} GFLOP/s  ",
+             f"torch matmul {rates['n']}^3: {mm}  ",
              (f"vaeinfer backends: {', '.join(report['backends'])} ({report['backends_from']}); auto: "
              f"`precision=\"auto\", max_error={MAX_ERROR}`  "),
              (f"Other processes used {report['other_processes']['cpu_fraction']:.0%} of the machine's CPU time during "
              f"the run (load average at start {report['load_at_start']})"), "",
-             ("Cell: median ms (speed relative to `vaeinfer cpu fp32`, >1 is faster), then the mean / max abs error "
+             (f"Cell: median ms (speed relative to `{spec.baseline}`, >1 is faster), then the mean / max abs error "
              "against the fp32 reference as fractions of the reference's range (auto's budget: mean <= max_error, "
              "max <= 10 x max_error). The verdict compares errors by the max."), ""]
     groups: dict[str, list[dict]] = {}
@@ -488,6 +655,10 @@ def markdown(report: dict) -> list[str]:
         for r in rows:
             lines += footer(r)
         lines.append("")
+    missing = [n for n in report.get("rows_requested", []) if n not in {r["row"] for r in report["rows"]}]
+    if missing:
+        lines += [("Rows asked for but not in this table (not run yet when the run stopped, or not runnable here): "
+                   f"{', '.join(missing)}"), ""]
     compiles = [f"{r['row']} {k}: {v['info']['compile_s']:.0f} s" for r in report["rows"] for k, v in r["cells"].items()
                 if "compile_s" in (v.get("info") or {})]
     if compiles:
@@ -497,8 +668,9 @@ def markdown(report: dict) -> list[str]:
 
 def footer(r: dict) -> list[str]:
     f = r["fastest"]
-    speed = (f"; {r['gflop']:.3g} GFLOP, {f['gflops']:.0f} GFLOP/s = {f['of_fp32_matmul']:.0%} of the fp32 / "
-             f"{f['of_bf16_matmul']:.0%} of the bf16 matmul rate" if r["gflop"] is not None else "; GFLOP n/a")
+    of = " / ".join(f"{v:.0%} of the {k[3:-7]}" for k, v in f.items() if k.startswith("of_") and k.endswith("_matmul"))
+    speed = (f"; {r['gflop']:.3g} GFLOP, {f['gflops']:.0f} GFLOP/s = {of} matmul rate" if r["gflop"] is not None
+             else "; GFLOP n/a")
     peer = r["fastest_peer"]
     peer_s = f"{peer['cell']} {fmt_ms(peer['p50_ms'])} ms (error {peer['rel_max']:.1e})" if peer else "none"
     auto = r["auto"]
@@ -526,6 +698,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=None, help="default: 3 for SD/TAESD, 20 for MNIST")
     ap.add_argument("--workdir", default=None, help="keep the exported SD/TAESD bundles here and reuse them")
     ap.add_argument("--out", default=str(results.RESULTS))
+    ap.add_argument("--device", choices=sorted(DEVICES), default="cpu",
+                    help="cpu (default), or cuda: vaeinfer's CUDA backends against onnxruntime CUDA and PyTorch on the "
+                         "GPU, written to cpu_paths-cuda.*")
     args = ap.parse_args(argv)
     known = {r.name: r for r in ROWS}
     wanted = args.rows or (list(QUICK_ROWS) if args.quick else list(known))
@@ -535,33 +710,44 @@ def main(argv=None) -> dict:
     if args.threads < 1 or (args.rounds is not None and args.rounds < 1):
         ap.error("--threads and --rounds must be positive")
     rows = [known[n] for n in wanted]
+    spec = DEVICES[args.device]
     try:
         import torch
     except ImportError:
         torch = None
+    why = unusable(spec.name, torch)
+    if why:
+        ap.error(why)
     from benchmarks.speed.diffusers_models import build
 
     threads = args.threads
     load = os.getloadavg()
     before = cpu_seconds()
-    backends, backends_from = cpu_backends()
-    names = runner_names(backends)
-    rounds = {"SD/TAESD": args.rounds or (1 if args.quick else 3), "MNIST": args.rounds or (3 if args.quick else 20)}
+    backends, backends_from = device_backends(spec.name)
+    names = runner_names(backends, spec.name)
+    full_rounds = (1, 3) if args.quick else spec.rounds
+    rounds = {"SD/TAESD": args.rounds or full_rounds[0], "MNIST": args.rounds or full_rounds[1]}
     if torch is not None:
         torch.set_num_threads(threads)
-        log(f"torch matmul rates, {threads} threads")
-        rates = matmul_rates(torch, threads, n=256 if args.quick else 2048)
+        setup_torch(torch, spec)
+    if torch is not None and torch_unready(spec.name, torch) is None:
+        log(f"torch matmul rates on {spec.torch_device}, {threads} threads")
+        rates = matmul_rates(torch, threads, n=spec.matmul_n[1] if args.quick else spec.matmul_n[0],
+                             device=spec.torch_device, dtypes=spec.matmul)
     else:
-        rates = {"n": 0, "fp32_gflops": float("nan"), "bf16_gflops": float("nan"), "library": "no torch"}
-    report = {**results.provenance(__spec__.name, argv), "threads": threads, "quick": args.quick,
+        rates = {"n": 0, **{f"{g}_gflops": float("nan") for g in spec.matmul},
+                 "library": torch_unready(spec.name, torch)}
+    report = {**results.provenance(__spec__.name, argv), "device": spec.name, "threads": threads, "quick": args.quick,
               "backends": backends, "backends_from": backends_from, "runners": names, "rounds": rounds,
-              "max_error": MAX_ERROR, "matmul": rates, "load_at_start": [round(v, 2) for v in load], "rows": [],
+              "rows_requested": [r.name for r in rows], "max_error": MAX_ERROR, "matmul": rates, "load_at_start": [round(v, 2) for v in load], "rows": [],
               "exports": {}}
-    stem = "cpu_paths-quick" if args.quick else "cpu_paths"
+    if rates.get("device") and not report["machine"].get("gpu"):
+        report["machine"]["gpu"] = rates["device"]  # no nvidia-smi: torch's name of the GPU
+    stem = spec.stem_for(args.quick)
 
     def write():
         report["other_processes"] = others_since(before)
-        results.write(stem, TITLE, report, markdown(report), args.out)
+        results.write(stem, spec.title, report, markdown(report), args.out)
 
     with tempfile.TemporaryDirectory(prefix="vaeinfer-cpu-paths-") as tmp:
         workdir = Path(args.workdir or tmp)
@@ -574,7 +760,9 @@ def main(argv=None) -> dict:
                     log("  skipped: the diffusers rows need torch and diffusers")
                     continue
                 if row.model not in built:
-                    built[row.model] = build(row.model, args.quick, workdir)
+                    torch.set_num_threads((os.cpu_count() or threads) if spec.export_all_cores else threads)
+                    built[row.model] = build(row.model, args.quick, workdir, precisions=spec.variants)
+                    torch.set_num_threads(threads)
                     report["exports"][row.model] = {"export_s": built[row.model]["export_s"],
                                                     "reused": built[row.model]["reused"],
                                                     "config": built[row.model]["config"]}
@@ -583,11 +771,14 @@ def main(argv=None) -> dict:
             else:
                 subject = _mnist_subject(row, torch is not None)
                 r = rounds["MNIST"]
-            report["rows"].append(bench_row(row, size, subject, names, backends, threads, r, not args.no_compile, rates))
+            report["rows"].append(bench_row(row, size, subject, names, backends, threads, r, not args.no_compile, rates,
+                                            spec.name))
             del subject
             if torch is not None and not args.no_compile:
                 torch._dynamo.reset()  # compiled graphs hold their frozen weights
             gc.collect()  # the row's sessions and their arenas go before the next row's
+            if torch is not None and spec.on_gpu and torch.cuda.is_available():
+                torch.cuda.empty_cache()
             write()  # partial results survive an interrupted run
     if not report["rows"]:
         write()
