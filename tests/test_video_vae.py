@@ -172,3 +172,29 @@ def test_server_decodes_a_clip(exported):
                         headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
         assert r.status_code == 200, r.text
     np.testing.assert_array_equal(np.load(io.BytesIO(r.content)), vaeinfer.load(path).decode(z))
+
+
+def test_every_cpu_backend_and_precision_streams_a_clip(exported, tmp_path, monkeypatch):
+    """The speed issue's backends and precisions apply to video too: OpenVINO fp32 equals
+    onnxruntime's, bf16 (where the CPU has it) stays close, and precision="auto" chooses per step
+    graph within its budget; streaming stays equal to the whole-clip decode on each."""
+    from vaeinfer.backends import openvino as ov
+
+    if not ov.is_available():
+        pytest.skip("OpenVINO is not installed: pip install 'vaeinfer[openvino]'")
+    module, path = exported["wan21"]
+    ref = vaeinfer.load(path, device="cpu")
+    z = _latents(module, 1, 3, 2, 2, seed=7)
+    want = ref.decode(z)
+    np.testing.assert_allclose(vaeinfer.load(path, device="cpu", backend="openvino").decode(z), want, atol=1e-4)
+    if "BF16" in ov.capabilities():
+        bf = vaeinfer.load(path, device="cpu", precision="bf16")
+        got = bf.decode(z)
+        assert 0 < float(np.abs(got - want).mean()) < 0.02
+        assert np.array_equal(np.concatenate(list(bf.decode_stream(z)), axis=2), got)
+    monkeypatch.setenv("VAEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    auto = vaeinfer.load(path, device="cpu", precision="auto")
+    assert set(auto.info.auto) == {"decoder_first", "decoder", "encoder_first", "encoder"}
+    got = auto.decode(z)
+    assert float(np.abs(got - want).mean()) <= 0.01 * float(want.max() - want.min())
+    assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)
