@@ -30,11 +30,11 @@ from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
 TOL = 1e-3
 
 
-def _kl(latent_channels=4, seed=0):
+def _kl(latent_channels=4, seed=0, **extra):
     torch.manual_seed(seed)
     return diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                                   latent_channels=latent_channels, sample_size=32).eval()
+                                   latent_channels=latent_channels, sample_size=32, **extra).eval()
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +132,23 @@ def test_bundle_without_stages_says_so(bundles, tmp_path):
 
 
 def test_sixteen_latent_channels_non_square():
+    """SD3 / Flux.1's layout: 16 latent channels, no quant_conv / post_quant_conv."""
     from vaeinfer.export.exact_tiling import export_exact_tiling
 
-    files, slot = export_exact_tiling(_kl(16, seed=4), 2, sizes=((24, 40), (32, 16)), tiles=((8, 12), (6, 10)))
+    vae = _kl(16, seed=4, use_quant_conv=False, use_post_quant_conv=False)
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+    files, slot = export_exact_tiling(vae, 2, sizes=((24, 40), (32, 16)), tiles=((8, 12), (6, 10)))
     for direction in ("decoder", "encoder"):
         assert all(r["max_abs_error"] <= TOL for r in slot["validation"][direction])
     assert slot["decoder"]["input_channels"] == 16 and slot["encoder"]["outputs"] == [["mean", 16], ["logvar", 16]]
     assert len(files) == sum(s["type"] == "conv" for d in ("decoder", "encoder") for s in slot[d]["steps"])
+
+
+def test_sample_and_reconstruct_take_max_memory(model):
+    ref = model.sample(1, seed=3, height=32, width=48)
+    assert np.abs(model.sample(1, seed=3, height=32, width=48, max_memory="12MiB") - ref).max() <= TOL
+    x = _smooth(1, 32, 48)
+    assert np.abs(model.reconstruct(x, tile=16) - model.reconstruct(x)).max() <= TOL
 
 
 def test_parse_bytes_and_bad_slots(model):
@@ -178,6 +188,8 @@ def test_cli_max_memory(bundles, tmp_path):
     r = CliRunner().invoke(main, ["decode", "-m", str(bundles["exact"]), str(tmp_path / "z.npy"), "--max-memory",
                                   "many", "-o", str(tmp_path / "img3.npy")])
     assert r.exit_code != 0 and "2GiB" in r.output
+    r = CliRunner().invoke(main, ["info", "-m", str(bundles["exact"])])
+    assert r.exit_code == 0 and json.loads(r.output)["exact_tiling"] == {"decoder": True, "encoder": True, "why": None}
 
 
 _CHILD = textwrap.dedent("""

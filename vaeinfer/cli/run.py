@@ -204,5 +204,9 @@ def info(model, device, threads, precision, list_backends):
             default = " (default)" if name == vaeinfer.DEFAULT_MODEL else ""
             click.echo(f"{name}{default}: {m.kind}, image {'x'.join(map(str, m.image))}, latent {m.latent}")
         return
-    i = _load(model, device, threads, precision).info
-    click.echo(json.dumps({k: getattr(i, k) for k in i.__dataclass_fields__}, indent=2, default=list))
+    m = _load(model, device, threads, precision)
+    i = m.info
+    facts = {k: getattr(i, k) for k in i.__dataclass_fields__}
+    if hasattr(m, "exact_tiling_info"):  # a spatial VAE: whether decode --max-memory is exact here, or why not
+        facts["exact_tiling"] = m.exact_tiling_info()
+    click.echo(json.dumps(facts, indent=2, default=list))
