@@ -57,6 +57,11 @@ OVERHEAD = 6 << 20
 SESSION_BYTES = 256 << 10  # a loaded stage graph's own memory beyond its weights (onnxruntime session)
 MIN_TILE = 8  # the smallest tile side (output pixels) the planner uses
 MIN_STRIP = 16  # full-width strips need at least this many rows, else square tiles
+# the planner first spills activations to disk rather than run tiles smaller than this side (or
+# strips of fewer pixels): small tiles cost more in per-call overhead and halos than the page
+# cache costs in copies; only a budget too small for that falls back to MIN_TILE
+GOOD_TILE = 128
+GOOD_QUERIES, GOOD_KEYS = 1024, 4096  # the attention's chunks in that first pass
 _GRAPH_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10 ** 3, "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
@@ -266,8 +271,8 @@ class _Memory:
         self.a = np.empty(shape, np.float32) if array is None else array
         self.shape = self.a.shape
 
-    def read(self, n, y0, y1, x0, x1):
-        return self.a[n, :, y0:y1, x0:x1]
+    def read(self, n, y0, y1, x0, x1, c0=0, c1=None):
+        return self.a[n, c0:c1, y0:y1, x0:x1]
 
     def write(self, n, y0, x0, block):
         self.a[n, :, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
@@ -289,15 +294,16 @@ class _Disk:
         _, C, H, W = self.shape
         return 4 * (((n * C + c) * H + y) * W + x)
 
-    def read(self, n, y0, y1, x0, x1):
+    def read(self, n, y0, y1, x0, x1, c0=0, c1=None):
         C, W = self.shape[1], self.shape[3]
-        out = np.empty((C, y1 - y0, x1 - x0), np.float32)
-        for c in range(C):
+        c1 = C if c1 is None else c1
+        out = np.empty((c1 - c0, y1 - y0, x1 - x0), np.float32)
+        for c in range(c0, c1):
             if x0 == 0 and x1 == W:
-                _pread(self.fd, out[c], self._offset(n, c, y0, 0))
+                _pread(self.fd, out[c - c0], self._offset(n, c, y0, 0))
             else:
                 for r in range(y1 - y0):
-                    _pread(self.fd, out[c, r], self._offset(n, c, y0 + r, x0))
+                    _pread(self.fd, out[c - c0, r], self._offset(n, c, y0 + r, x0))
         return out
 
     def write(self, n, y0, x0, block):
@@ -435,11 +441,12 @@ def _conv_work(step: Step, rows: int, cols: int) -> int:
 def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool) -> int:
     c = step.out_channels
     lq, lk = q_rows * width, k_rows * width
-    kv = 0 if kv_resident else 4 * c * lk  # a chunk of q, k, v read from disk, and v transposed
+    kv = 0 if kv_resident else 3 * c * lk  # a chunk of k and v read from disk, and v transposed
     return 4 * (c * lq * 6 + step.heads * lq * lk * 2 + kv)  # q read with k, v; scaled q; sums; output
 
 
-def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None) -> tuple[int, int] | None:
+def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None,
+               min_side: int = MIN_TILE) -> tuple[int, int] | None:
     """The output tile (rows, cols) of a conv step: the user's, or the largest that fits `avail`
     (full-width strips when they are tall enough, else squares), or None when none fits."""
     align = ALIGN[step.resample]
@@ -460,24 +467,29 @@ def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None) -> tu
         return lo * align
 
     rows = largest(lambda r: _conv_work(step, r, ow) <= avail, oh)
-    if rows >= min(oh, MIN_STRIP):
+    if rows >= min(oh, MIN_STRIP) and rows * ow >= min(oh * ow, min_side * min_side):
         k = -(-oh // rows)  # even out the strips
         return min(oh, up(-(-oh // k))), ow
     side = largest(lambda t: _conv_work(step, t, t) <= avail, min(oh, ow))
-    if side < min(MIN_TILE, oh, ow):
+    if side < min(min_side, oh, ow):
         return None
     return min(oh, side), min(ow, side)
 
 
-def _attention_chunks(step, h, w, avail, kv_resident) -> tuple[int, int] | None:
-    """(query rows, key rows) per chunk: the largest that fit `avail` (None: all rows)."""
+def _attention_chunks(step, h, w, avail, kv_resident, good: bool = False) -> tuple[int, int] | None:
+    """(query rows, key rows) per chunk that fit `avail` (None: all rows). K and V in memory: the
+    largest score blocks; read from disk: the largest query chunks (K and V are read once per
+    query chunk). good: at least GOOD_QUERIES queries and GOOD_KEYS keys per chunk."""
     if avail is None:
         return h, h
     options = sorted({h, *(max(1, h >> i) for i in range(1, 16))}, reverse=True)
-    for k_rows in options:
-        for q_rows in options:
-            if _attention_work(step, w, q_rows, k_rows, kv_resident) <= avail:
-                return q_rows, k_rows
+    pairs = sorted(((q, k) for q in options for k in options),
+                   key=(lambda p: (-p[0] * p[1], -p[1])) if kv_resident else (lambda p: (-p[0], -p[1])))
+    for q_rows, k_rows in pairs:
+        if good and (q_rows * w < min(h * w, GOOD_QUERIES) or k_rows * w < min(h * w, GOOD_KEYS)):
+            continue
+        if _attention_work(step, w, q_rows, k_rows, kv_resident) <= avail:
+            return q_rows, k_rows
     return None
 
 
@@ -486,6 +498,10 @@ def plan(direction: Direction, shape, budget: int | None = None, tile=None, resi
     so that the estimated peak (`Plan.peak`) stays within `budget` bytes (None: everything in
     memory, one tile per step unless `tile` (rows, cols in the input's pixels) is given).
     MemoryBudgetError names the smallest budget that works when `budget` cannot be met."""
+    return _plan(direction, shape, budget, tile, resident)
+
+
+def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
     sizes = _sizes(direction, shape)
     steps = direction.steps
     last_use = {}
@@ -505,7 +521,7 @@ def plan(direction: Direction, shape, budget: int | None = None, tile=None, resi
         s = steps[i]
         _, _, oh, ow = sizes[s.out]
         if s.type == "attention":
-            chunks = _attention_chunks(s, oh, ow, avail, s.x not in disk)
+            chunks = _attention_chunks(s, oh, ow, avail, s.x not in disk, i not in relaxed)
             if chunks is None:
                 return None
             return StepPlan(chunks, -(-oh // chunks[0]), _attention_work(s, ow, *chunks, s.x not in disk))
@@ -513,7 +529,8 @@ def plan(direction: Direction, shape, budget: int | None = None, tile=None, resi
         if tile is not None:
             f = sizes[s.out][2] / shape[2]
             user = (max(1, int(tile[0] * f)), max(1, int(tile[1] * f)))
-        t = _conv_tile(s, oh, ow, avail, user)
+        good = max(MIN_TILE, int(GOOD_TILE * min(Fraction(1), s.factor)))  # in output pixels
+        t = _conv_tile(s, oh, ow, avail, user, MIN_TILE if i in relaxed else good)
         if t is None:
             return None
         return StepPlan(t, -(-oh // t[0]) * -(-ow // t[1]), _conv_work(s, *t))
@@ -533,6 +550,7 @@ def plan(direction: Direction, shape, budget: int | None = None, tile=None, resi
         return resident + OVERHEAD + need
 
     disk: set = set()
+    relaxed: set = set()  # steps that may run tiles smaller than GOOD_TILE
     if budget is None:
         result = [step_tiles(i, None, disk) for i in range(len(steps))]
     else:
@@ -548,6 +566,9 @@ def plan(direction: Direction, shape, budget: int | None = None, tile=None, resi
             if bad is None:
                 break
             candidates = [a for a in stored if a not in disk and first[a] <= bad <= last_use.get(a, first[a])]
+            if not candidates and bad not in relaxed:
+                relaxed.add(bad)  # no good tile fits even with everything spilled: smaller ones here
+                continue
             if not candidates:
                 need = smallest()
                 raise MemoryBudgetError(
@@ -699,20 +720,20 @@ def _attention(s: Step, sp: StepPlan, src, dst, acc, progress, done) -> int:
     q_rows, k_rows = sp.tile
     scale = np.float32(s.scale)
     for n in range(n_img):
-        whole = src.read(n, 0, h, 0, w) if k_rows >= h else None
+        whole = src.read(n, 0, h, 0, w, c, 3 * c) if k_rows >= h else None
         for qy in range(0, h, q_rows):
             qe = min(h, qy + q_rows)
             lq = (qe - qy) * w
-            q = src.read(n, qy, qe, 0, w)[:c].reshape(heads, d, lq).transpose(0, 2, 1) * scale
+            q = src.read(n, qy, qe, 0, w, 0, c).reshape(heads, d, lq).transpose(0, 2, 1) * scale
             m = np.full((heads, lq, 1), -np.inf, np.float32)
             total = np.zeros((heads, lq, 1), np.float32)
             acc_o = np.zeros((heads, lq, d), np.float32)
             for ky in range(0, h, k_rows):
                 ke = min(h, ky + k_rows)
-                kv = whole if whole is not None else src.read(n, ky, ke, 0, w)
+                kv = whole if whole is not None else src.read(n, ky, ke, 0, w, c, 3 * c)
                 lk = (ke - ky) * w
-                k = kv[c:2 * c].reshape(heads, d, lk)
-                v = kv[2 * c:].reshape(heads, d, lk)
+                k = kv[:c].reshape(heads, d, lk)
+                v = kv[c:].reshape(heads, d, lk)
                 scores = np.matmul(q, k)
                 m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
                 np.subtract(scores, m_new, out=scores)
