@@ -229,3 +229,27 @@ def test_estimate_against_measured_peak(bundles):
     assert r["disk"] > 0  # the 320x320 image's 8-channel activations (3 MiB each) do not all fit
     assert r["estimate"] <= budget
     assert r["peak"] <= budget + r["output"] + slack, r
+
+
+def test_serve_max_memory(bundles):
+    pytest.importorskip("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from vaeinfer.serve import ServeConfig, create_app
+
+    with pytest.raises(InputError, match="2GiB"):
+        ServeConfig(models=(str(bundles["exact"]),), max_memory="lots")
+    app = create_app(ServeConfig(models=(str(bundles["exact"]),), max_memory="16MiB", max_body_bytes=1 << 22))
+    name = next(iter(app.state.served))
+    z = np.random.default_rng(6).standard_normal((1, 4, 16, 24)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, z)
+    headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    with TestClient(app) as client:
+        r = client.post(f"/v1/models/{name}/decode", content=buf.getvalue(), headers=headers)
+    assert r.status_code == 200, r.text
+    model = app.state.served[name].model
+    assert np.abs(np.load(io.BytesIO(r.content)) - model.decode(z)).max() <= TOL
+    assert model._stages.get("decoder")  # the request ran through the stage graphs
