@@ -127,8 +127,14 @@ class SpatialVAE(Model):
         sees a tile instead of the image.
         `progress(done)` is called as batches (or tiles) finish; see `exact_plan` / `tile_count`.
         """
-        return self._images_from_params(self.decode_params(z, scaled, tile, batch_size, progress, max_memory,
-                                                           tile_mode))
+        params = self.decode_params(z, scaled, tile, batch_size, progress, max_memory, tile_mode)
+        if max_memory is not None and self.manifest.likelihood["kind"] != "bernoulli":
+            # the Gaussian/Laplace mean clipped in place: no second output-sized array in the budget
+            lo, hi = self.manifest.value_range
+            np.maximum(params, np.float32(lo), out=params)
+            np.minimum(params, np.float32(hi), out=params)
+            return params
+        return self._images_from_params(params)
 
     def reconstruct(self, x, tile=None, batch_size: int | None = None, max_memory=None,
                     tile_mode: str = "exact") -> np.ndarray:
