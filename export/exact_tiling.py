@@ -83,10 +83,11 @@ class _Norm(nn.Module):
         self.bias = gn.bias if gn.affine else None
 
     def forward(self, x, mean, rstd):
-        y = (x - mean[:, :, None, None]) * rstd[:, :, None, None]
-        if self.weight is not None:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+        # one multiply-add over the activation (per-channel scale and shift first), as torch's
+        # own GroupNorm kernel computes it
+        scale = rstd if self.weight is None else rstd * self.weight[None, :]
+        shift = -mean * scale if self.bias is None else self.bias[None, :] - mean * scale
+        return x * scale[:, :, None, None] + shift[:, :, None, None]
 
 
 class _Chain(nn.Module):
