@@ -397,7 +397,7 @@ def _validate(vae, d: et.Direction, files: dict, f: int, direction: str, sizes, 
             opts.log_severity_level = 4
             step = d.graphs()[graph]
             sess = ort.InferenceSession(files[step.file], opts, providers=["CPUExecutionProvider"])
-            sessions[graph] = lambda feeds, sess=sess: sess.run(None, feeds)
+            sessions[graph] = lambda feeds, last=False, sess=sess: sess.run(None, feeds)
         return sessions[graph]
 
     rng = np.random.default_rng(0)

@@ -51,9 +51,12 @@ ALIGN = {"none": 1, "up": 2, "down": 1}
 # (the feeds, the normalised and activated input, the conv output, the residual sum, the crop and
 # the statistics' temporary). Calibrated against measured peaks (tests/test_exact_tiling.py).
 WORK_IN, WORK_OUT, WORK_UP = 3, 4, 1
+# the stage graphs share one onnxruntime arena (fast: no page faults per run); tiles of varying
+# sizes fragment it: measured up to ~1.5x their working set
+ARENA = 1.5
 # what a run adds besides its activations and tiles: numpy's and onnxruntime's per-run buffers,
-# the statistics, Python objects (measured on the test model: 4-6 MiB; 8 counted)
-OVERHEAD = 8 << 20
+# the statistics, Python objects (measured on the test model: 4-7 MiB; 10 counted)
+OVERHEAD = 10 << 20
 SESSION_BYTES = 256 << 10  # a loaded stage graph's own memory beyond its weights (onnxruntime session)
 MIN_TILE = 8  # the smallest tile side (output pixels) the planner uses
 MIN_STRIP = 16  # full-width strips need at least this many rows, else square tiles
@@ -435,7 +438,8 @@ def _conv_work(step: Step, rows: int, cols: int) -> int:
     in_r, in_c = math.ceil(rows / f) + 2 * step.halo, math.ceil(cols / f) + 2 * step.halo
     a_in, a_out = in_r * in_c, int(in_r * in_c * f * f)
     out_factor = WORK_OUT + (WORK_UP if step.resample == "up" else 0)
-    return 4 * ((step.in_channels + step.skip_channels) * a_in * WORK_IN + step.out_channels * a_out * out_factor)
+    work = 4 * ((step.in_channels + step.skip_channels) * a_in * WORK_IN + step.out_channels * a_out * out_factor)
+    return int(work * ARENA)
 
 
 def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool) -> int:
@@ -626,7 +630,8 @@ _M_MMAP_THRESHOLD = -3
 
 def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None, spill_dir=None) -> list[np.ndarray]:
     """Run the plan `p` on `array` (the direction's input, (N, C, H, W) float32). `runner(graph)`
-    returns the callable running that stage graph on feeds ({name: array}) -> [y]. Returns the
+    returns the callable running that stage graph: (feeds {name: array}, last: bool) -> [y]
+    (last: the stage's last tile, after which its working memory may be given back). Returns the
     direction's outputs (channel slices of the last step's output)."""
     if p.budget is not None and sys.platform.startswith("linux"):
         _bounded_malloc()
@@ -692,7 +697,8 @@ def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, d
                     feeds["skip"] = np.ascontiguousarray(skip.read(n, iy0, iy1, ix0, ix1)[None])
                 if norm is not None:
                     feeds["mean"], feeds["rstd"] = norm[0][n:n + 1], norm[1][n:n + 1]
-                full = run_graph(feeds)[0]
+                last = n == n_img - 1 and oy1 == oh and ox1 == ow
+                full = run_graph(feeds, last)[0]
                 y = full[0]
                 cy, cx = int(oy0 - iy0 * f), int(ox0 - ix0 * f)
                 block = y[:, cy:cy + oy1 - oy0, cx:cx + ox1 - ox0]

@@ -272,7 +272,7 @@ class SpatialVAE(Model):
                 device = self.graph(role).device
                 make = device.entry.make_runner
                 params = inspect.signature(make).parameters
-                extra = {"arena": False} if "arena" in params or any(
+                extra = {"arena": "shared"} if "arena" in params or any(
                     p.kind == p.VAR_KEYWORD for p in params.values()) else {}
                 graphs = {}
                 for name, step in self.manifest.exact_tiling[role].graphs().items():
@@ -293,7 +293,24 @@ class SpatialVAE(Model):
         d = self._exact_direction(role)
         p = self.exact_plan(a.shape, direction, tile, max_memory)  # refuses before anything runs
         graphs = self._stage_graphs(role)
-        outs = exact_tiling.run(d, p, a, lambda name: graphs[name].run, progress)
+
+        def runner(name):
+            graph = graphs[name]
+            session = graph.session  # onnxruntime: its last tile shrinks the shared arena afterwards
+            if session is None or not hasattr(graph.runner, "run_options"):
+                return lambda feeds, last=False: graph.run(feeds)
+
+            def run(feeds, last=False):
+                if not last:
+                    return graph.run(feeds)
+                options = graph.runner.run_options()
+                options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+                outs = session.run([t.name for t in graph.spec.outputs], feeds, options)
+                check_finite(outs[0], f"{graph.what} output y")
+                return outs
+            return run
+
+        outs = exact_tiling.run(d, p, a, runner, progress)
         for (name, _), o in zip(d.outputs, outs):
             check_finite(o, f"{self.manifest.name}/{role} output {name} (exact tiling)")
         return outs
