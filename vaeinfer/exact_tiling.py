@@ -54,6 +54,7 @@ WORK_IN, WORK_OUT, WORK_UP = 3, 4, 1
 # the stage graphs share one onnxruntime arena (fast: no page faults per run); tiles of varying
 # sizes fragment it: measured up to ~1.5x their working set
 ARENA = 1.5
+IM2COL = 9
 # what a run adds besides its activations and tiles: numpy's and onnxruntime's per-run buffers,
 # the statistics, Python objects (measured on the test model: 4-7 MiB; 10 counted)
 OVERHEAD = 10 << 20
@@ -402,6 +403,7 @@ class Plan:
     resident: int  # bytes counted for the stage graphs' weights (and sessions), when not loaded yet
     budget: int | None
     last_use: dict = field(repr=False, default_factory=dict)
+    stream: bool = False  # stage graphs loaded per step and released (set by the caller that loads them)
 
     @property
     def total(self) -> int:
@@ -439,7 +441,9 @@ def _conv_work(step: Step, rows: int, cols: int) -> int:
     a_in, a_out = in_r * in_c, int(in_r * in_c * f * f)
     out_factor = WORK_OUT + (WORK_UP if step.resample == "up" else 0)
     work = 4 * ((step.in_channels + step.skip_channels) * a_in * WORK_IN + step.out_channels * a_out * out_factor)
-    return int(work * ARENA)
+    # onnxruntime's 3x3 convolutions expand their input 9-fold (im2col) over the output's area
+    im2col = 4 * IM2COL * max(step.in_channels, step.out_channels) * a_out
+    return int((work + im2col) * ARENA)
 
 
 def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool) -> int:

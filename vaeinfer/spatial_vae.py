@@ -215,14 +215,23 @@ class SpatialVAE(Model):
     def exact_plan(self, shape, direction: str = "decode", tile=None, max_memory=None):
         """The plan exact tiling would run for an input of `shape` (`vaeinfer.exact_tiling.Plan`:
         `.total` tiles for `progress`, `.peak` estimated bytes, `.describe()`); raises
-        MemoryBudgetError when max_memory cannot be met."""
+        MemoryBudgetError when max_memory cannot be met.
+
+        With a budget that the stage graphs' weights would take a quarter of, each stage graph is
+        loaded for its step and released after it (`.stream`: only the largest counts in the
+        budget; loading them all costs about 3x their files' size, 650 MiB for SD's decoder);
+        otherwise they are loaded once and kept."""
         from vaeinfer import exact_tiling
 
         role = "decoder" if direction == "decode" else "encoder"
         d = self._exact_direction(role)
         budget = None if max_memory is None else exact_tiling.parse_bytes(max_memory)
         tiles = None if tile is None else self._exact_tile(direction, tile)
-        return exact_tiling.plan(d, tuple(shape), budget, tiles, self._stage_resident(role))
+        resident = self._stage_resident(role)
+        stream = budget is not None and resident > budget // 4
+        p = exact_tiling.plan(d, tuple(shape), budget, tiles, self._stage_resident(role, True) if stream else resident)
+        p.stream = stream
+        return p
 
     def _exact_direction(self, role: str):
         slot = self.manifest.exact_tiling or {}
@@ -245,9 +254,10 @@ class SpatialVAE(Model):
                              f"encoding, got {tile!r}")
         return int(tiles[0]), int(tiles[1])
 
-    def _stage_resident(self, role: str) -> int:
-        """Bytes the stage graphs will take once loaded (0 when they are): twice their files' size
-        (the bytes read, the backend's copy) and a session's own memory each."""
+    def _stage_resident(self, role: str, largest: bool = False) -> int:
+        """Bytes the stage graphs will take once loaded (0 when they are): three times their files'
+        size (measured on SD's decoder: the bytes read, the session's weights, prepacked convolution
+        weights) and a session's own memory each; largest=True: the largest one's alone."""
         import os
 
         from vaeinfer.exact_tiling import SESSION_BYTES
@@ -255,34 +265,37 @@ class SpatialVAE(Model):
         if role in getattr(self, "_stages", {}):
             return 0
         d = (self.manifest.exact_tiling or {})[role]
-        return sum(2 * os.stat(self.bundle.path / s.file).st_size + SESSION_BYTES for s in d.graphs().values())
+        costs = [3 * os.stat(self.bundle.path / s.file).st_size + SESSION_BYTES for s in d.graphs().values()]
+        return max(costs) if largest else sum(costs)
 
-    def _stage_graphs(self, role: str):
-        """The stage graphs of a direction as runtime Graphs on this model's device, made on first use."""
+    def _stage_graph(self, role: str, name: str):
+        """One stage graph as a runtime Graph on this model's device, in the shared host arena."""
         import inspect
-        import threading
 
         from vaeinfer import exact_tiling
         from vaeinfer.runtime import Graph
+
+        device = self.graph(role).device
+        make = device.entry.make_runner
+        params = inspect.signature(make).parameters
+        extra = {"arena": "shared"} if "arena" in params or any(
+            p.kind == p.VAR_KEYWORD for p in params.values()) else {}
+        step = self.manifest.exact_tiling[role].graphs()[name]
+        spec, what = exact_tiling.stage_spec(step), f"{self.manifest.name}/{name}"
+        runner = make(self.bundle.read_graph(name, "fp32"), device, threads=self.info.threads, what=what,
+                      precision="fp32", spec=spec, **extra)
+        return Graph(runner, spec, what, device)
+
+    def _stage_graphs(self, role: str):
+        """The stage graphs of a direction, made on first use and kept."""
+        import threading
 
         lock = self.__dict__.setdefault("_stage_lock", threading.Lock())
         with lock:
             stages = self.__dict__.setdefault("_stages", {})
             if role not in stages:
-                device = self.graph(role).device
-                make = device.entry.make_runner
-                params = inspect.signature(make).parameters
-                extra = {"arena": "shared"} if "arena" in params or any(
-                    p.kind == p.VAR_KEYWORD for p in params.values()) else {}
-                graphs = {}
-                for name, step in self.manifest.exact_tiling[role].graphs().items():
-                    spec, what = exact_tiling.stage_spec(step), f"{self.manifest.name}/{name}"
-                    data = self.bundle.read_graph(name, "fp32")
-                    runner = make(data, device, threads=self.info.threads, what=what, precision="fp32", spec=spec,
-                                  **extra)
-                    graphs[name] = Graph(runner, spec, what, device)
-                    del data
-                stages[role] = graphs
+                stages[role] = {name: self._stage_graph(role, name)
+                                for name in self.manifest.exact_tiling[role].graphs()}
             return stages[role]
 
     def _exact(self, direction: str, a: np.ndarray, tile, max_memory, progress) -> list[np.ndarray]:
@@ -292,10 +305,10 @@ class SpatialVAE(Model):
         role = "decoder" if direction == "decode" else "encoder"
         d = self._exact_direction(role)
         p = self.exact_plan(a.shape, direction, tile, max_memory)  # refuses before anything runs
-        graphs = self._stage_graphs(role)
+        graphs = None if p.stream else self._stage_graphs(role)
 
-        def runner(name):
-            graph = graphs[name]
+        def runner(name):  # streamed: made for its step, released after it
+            graph = self._stage_graph(role, name) if graphs is None else graphs[name]
             session = graph.session  # onnxruntime: its last tile shrinks the shared arena afterwards
             if session is None or not hasattr(graph.runner, "run_options"):
                 return lambda feeds, last=False: graph.run(feeds)
