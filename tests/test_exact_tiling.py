@@ -103,9 +103,9 @@ def test_budget_spills_to_disk_and_stays_exact(model):
     tight = model.exact_plan(z.shape, max_memory=smallest)
     assert tight.disk and tight.peak <= smallest and max(s.tiles for s in tight.steps) > 1
     fresh = vaeinfer.load(model.bundle.path, device="cpu")  # stage graphs not loaded yet: they count
-    streamed = fresh.exact_plan(z.shape, max_memory="20MiB")
+    streamed = fresh.exact_plan(z.shape, max_memory="16MiB")
     assert streamed.stream and streamed.resident < fresh._stage_resident("decoder")  # loaded step by step
-    assert np.abs(fresh.decode(z, max_memory="20MiB") - ref).max() <= TOL and not getattr(fresh, "_stages", {})
+    assert np.abs(fresh.decode(z, max_memory="16MiB") - ref).max() <= TOL and not getattr(fresh, "_stages", {})
     got = model.decode(z, max_memory=smallest)
     assert np.abs(got - ref).max() <= TOL
     x = _smooth(1, 48, 32)
