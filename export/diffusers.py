@@ -149,6 +149,25 @@ def _facts(module, cfg: dict) -> dict:
     raise ExportError(f"unsupported diffusers class {family}; supported: {', '.join(FAMILIES)}")
 
 
+def _exact_tiling(module, downsample: int, wanted: bool | None, say) -> tuple[dict, dict | None]:
+    """(stage graph files, manifest slot) of exact tiling, or the slot saying why there are none."""
+    if wanted is False:
+        return {}, None
+    from vaeinfer.export.exact_tiling import Unsupported, export_exact_tiling
+
+    family = type(module).__name__
+    try:
+        if family != "AutoencoderKL":
+            raise Unsupported(f"exact tiling: {family} is not of the AutoencoderKL family (GroupNorm + mid-block "
+                              "attention); decode it untiled or with tile_mode='blend'")
+        return export_exact_tiling(module, downsample, progress=say)
+    except Unsupported as e:
+        if wanted:
+            raise
+        say(f"{e}; exporting without it")
+        return {}, {"unavailable": str(e)}
+
+
 def _source(module, cfg: dict, src: Path) -> dict:
     diffusers = _diffusers()
     public = {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}
@@ -160,7 +179,8 @@ def _source(module, cfg: dict, src: Path) -> dict:
 def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
                    config: str | os.PathLike | None = None, sizes=SIZES, batches=BATCHES,
                    precisions=(), height: int | None = None, width: int | None = None,
-                   tolerance: float = TOLERANCE, calibration_images: int = 16, progress=None) -> Path:
+                   tolerance: float = TOLERANCE, calibration_images: int = 16, progress=None,
+                   exact_tiling: bool | None = None) -> Path:
     """Export a diffusers AutoencoderKL / AutoencoderTiny / VQModel into a validated spatial-vae bundle.
 
     src: a save_pretrained folder (or a pipeline folder with vae/), or a single .safetensors file
@@ -169,6 +189,10 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
         sample() (default: the config's sample_size). precisions: also make "fp16" (made safe:
         the nodes that overflow stay fp32, see export.variants.make_fp16) and/or "int8" variants,
         calibrated and validated on smooth synthetic images at sizes[0].
+    exact_tiling: add the stage graphs of exact tiled decode/encode (vaeinfer.exact_tiling,
+        export.exact_tiling), validated against the module. None (default): for an AutoencoderKL
+        of the supported family; otherwise the manifest records why not. True: an ExportError
+        when the model is not of the family. False: none.
     """
     say = progress or (lambda _msg: None)
     src = Path(src)
@@ -190,9 +214,11 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
     w = width or h
     say(f"{type(module).__name__}: {facts['latent_channels']} latent channels, {f}x downsampling; tracing and "
         f"validating against diffusers at sizes {list(sizes)}, batches {list(batches)}")
+    files, slot = _exact_tiling(module, f, exact_tiling, say)
     path = export_spatial_vae(encoder, _Decoder(module), out_dir, height=h, width=w, value_range=(-1.0, 1.0),
                               sizes=sizes, batches=batches, name=name or Path(out_dir).name,
-                              source=_source(module, cfg, src), tolerance=tolerance, **facts)
+                              source=_source(module, cfg, src), tolerance=tolerance, extra_files=files,
+                              extra_manifest={"exact_tiling": slot} if slot else None, **facts)
     if precisions:
         from vaeinfer.export.variants import add_variants
 

@@ -53,7 +53,8 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
                        quantized: bool = False, likelihood: dict | None = None, multiple_of: int | None = None,
                        min_size: int | None = None, sizes=SIZES, batches=BATCHES, name: str | None = None,
                        source: dict | None = None, training: dict | None = None,
-                       tolerance: float = TOLERANCE) -> Path:
+                       tolerance: float = TOLERANCE, extra_files: dict | None = None,
+                       extra_manifest: dict | None = None) -> Path:
     """Export a spatial encoder/decoder pair (see the module docstring) as a validated bundle.
 
     height/width: the native image size (sample()'s default). likelihood: {"kind": "gaussian" |
@@ -92,7 +93,8 @@ def export_spatial_vae(encoder: torch.nn.Module, decoder: torch.nn.Module, out_d
                  "sizes": [_sizes(h, w, downsample) for h, w in sizes], "batches": batches,
                  "feeds": {"encoder": encoder_feeds, "decoder": decoder_feeds}},
         image_extra={"multiple_of": multiple, "min_size": min_size},
-        extra_manifest={"source": source} if source else None,
+        extra_manifest={**({"source": source} if source else {}), **(extra_manifest or {})} or None,
+        extra_files=extra_files,
     )
 
 

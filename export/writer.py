@@ -77,6 +77,8 @@ def clean_graphs(manifest: dict, files: dict[str, bytes]) -> dict[str, bytes]:
         out[name] = data
     entries = list(manifest.get("graphs", {}).values())
     entries += [e for v in (manifest.get("variants") or {}).values() for e in v.get("graphs", {}).values()]
+    exact = manifest.get("exact_tiling") or {}
+    entries += [s for d in ("decoder", "encoder") for s in (exact.get(d) or {}).get("steps", []) if "file" in s]
     for entry in entries:
         if isinstance(entry, dict) and entry.get("file") in changed:
             entry["sha256"] = sha256(changed[entry["file"]])

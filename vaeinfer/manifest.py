@@ -18,14 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vaeinfer import latent_prior, precisions
+from vaeinfer import exact_tiling, latent_prior, precisions
 from vaeinfer.errors import BundleError
 from vaeinfer import kinds
 from vaeinfer.manifest_fields import finite as _finite, get as _get, positive as _positive
 from vaeinfer.spec import GraphSpec
 
 FORMAT = "vaeinfer-bundle"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 SUPPORTED_MAJOR = 1
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace")  # laplace: spatial-vae only (see vaeinfer.kinds)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -51,6 +51,8 @@ class Manifest:
     variants: dict[str, dict[str, GraphFile]]  # precision -> role -> file ({} for a computed precision)
     prior: dict | None  # parsed by the kind (Kind.parse_prior), for a kind with a prior slot; else None
     raw: dict = field(repr=False, compare=False)
+    # vaeinfer.exact_tiling.parse_slot's result (spatial-vae, format 1.3), or None
+    exact_tiling: dict | None = field(default=None, compare=False)
 
     def specs(self) -> dict[str, GraphSpec]:
         return kinds.get(self.kind).graphs(self)
@@ -62,11 +64,17 @@ class Manifest:
         if row.computed_from is not None:
             return self.files(row.computed_from)
         if precision == precisions.REFERENCE:
-            return dict(self.graphs)
+            return {**self.stage_files(), **self.graphs}
         if precision not in self.variants:
             have = ", ".join([precisions.REFERENCE, *sorted(self.variants)])
             raise BundleError(f"bundle {self.name!r} has no {precision} variant; it has: {have}")
-        return {**self.graphs, **self.variants[precision]}
+        return {**self.stage_files(), **self.graphs, **self.variants[precision]}
+
+    def stage_files(self) -> dict[str, GraphFile]:
+        """The exact tiling's stage graphs (fp32 in every precision), by their role names."""
+        slot = self.exact_tiling or {}
+        return {s.graph: GraphFile(s.file, s.sha256) for d in ("decoder", "encoder") if d in slot
+                for s in slot[d].steps if s.graph is not None}
 
 
 def _graph_file(data: dict, where: str) -> GraphFile:
@@ -157,9 +165,14 @@ def parse(data: dict) -> Manifest:
         variants[precision] = {role: _graph_file(files[role], f"variants.{precision}.graphs.{role}") for role in files}
 
     latent_prior.parse_slot(data.get(latent_prior.SLOT), kind)
+    exact = exact_tiling.parse_slot(data.get(exact_tiling.SLOT))
+    if exact is not None:
+        clash = {g for d in exact_tiling.DIRECTIONS if d in exact for g in exact[d].graphs()} & set(roles)
+        if clash:
+            raise BundleError(f"manifest: exact_tiling's stage graphs may not reuse the roles {sorted(clash)}")
     manifest = Manifest(name=name, kind=kind, format_version=version, image=shape,
                         value_range=value_range, latent=latent, likelihood=likelihood,
-                        graphs=graphs, variants=variants, prior=prior, raw=data)
+                        graphs=graphs, variants=variants, prior=prior, raw=data, exact_tiling=exact)
     _check_io(data, manifest)
     return manifest
 

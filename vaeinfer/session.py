@@ -36,9 +36,29 @@ def has_provider(name: str) -> bool:
         return False
 
 
-def session_options(threads: int | None):
+_SHARED_ARENA = False
+
+
+def _shared_arena(ort) -> None:
+    """One host arena for every session made with arena="shared", growing by what is asked (not
+    by powers of two): many sessions run one after the other then hold the largest run's memory
+    once, instead of each its own (vaeinfer.exact_tiling's stage graphs within a budget)."""
+    global _SHARED_ARENA
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _SHARED_ARENA = True
+
+
+def session_options(threads: int | None, arena: bool | str = True):
     ort = _ort()
     opts = ort.SessionOptions()
+    # arena=False: host memory goes back after each run instead of staying in the session's arena;
+    # arena="shared": the process's one shared arena (see _shared_arena)
+    opts.enable_cpu_mem_arena = bool(arena)
+    if arena == "shared":
+        _shared_arena(ort)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
@@ -53,7 +73,7 @@ def session_options(threads: int | None):
 
 
 def create_session(model: bytes, device, threads: int | None, what: str, providers: list,
-                   uncaptured: list | None = None):
+                   uncaptured: list | None = None, arena: bool | str = True):
     """An InferenceSession for ONNX bytes with `providers` (onnxruntime's list: names or (name,
     options) pairs, the one that must bind first), or BackendError / BundleError saying why not.
     `device` (a vaeinfer Device) names the backend in messages. `uncaptured`, given when
@@ -66,10 +86,10 @@ def create_session(model: bytes, device, threads: int | None, what: str, provide
     if provider not in ort.get_available_providers():
         raise entry.unavailable(device, f"this onnxruntime has {ort.get_available_providers()}")
     try:
-        session = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
+        session = ort.InferenceSession(model, sess_options=session_options(threads, arena), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
         if uncaptured is not None and "graph" in str(e).lower():
-            return create_session(model, device, threads, what, uncaptured)
+            return create_session(model, device, threads, what, uncaptured, arena=arena)
         if provider != CPU and any(k in str(e) for k in (provider.removesuffix("ExecutionProvider"), "CUDA")):
             raise BackendError(f"{what}: {entry.title} failed to start on {device}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
@@ -187,11 +207,12 @@ class OrtBackend:
         self.providers, self.binding = providers, binding
 
     def __call__(self, graph: bytes, device, *, threads: int | None, what: str, precision: str = "fp32",
-                 spec=None, capture: bool = False) -> OrtRunner:
+                 spec=None, capture: bool = False, arena: bool | str = True) -> OrtRunner:
         def providers(capture):
             return self.providers(device, capture=capture, precision=precision, spec=spec, graph=graph)
 
-        session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None)
+        session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None,
+                                 **({} if arena is True else {"arena": arena}))
         return OrtRunner(session, (self.binding, device.index))
 
 

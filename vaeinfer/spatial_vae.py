@@ -80,22 +80,22 @@ class SpatialVAE(Model):
         self._check_out(out, len(z), (z.shape[2] * self.downsample, z.shape[3] * self.downsample), "decoder")
         return out
 
-    def encode(self, x, scaled: bool = False, tile=None, batch_size: int | None = None, progress=None) -> Posterior:
+    def encode(self, x, scaled: bool = False, tile=None, batch_size: int | None = None, progress=None,
+               max_memory=None, tile_mode: str = "exact") -> Posterior:
         """q(z|x) for images x: a `Posterior(mean, logvar)`, each (N, c, H / f, W / f).
 
         scaled=True: diffusion latents ((z - shift_factor) * scaling_factor; logvar shifted by
         2 log scaling_factor). A deterministic encoder (AutoencoderTiny; VQModel, whose latents
         are the pre-quantization ones) gives logvar None: `Posterior.sample()` is then the mean.
-        tile: encode images larger than `tile` image pixels (an int, or (height, width);
-        a multiple of `multiple_of`) in overlapping tiles (a quarter of the tile) with blended
-        seams (see `vaeinfer.tiling`), in bounded memory. `progress(done)` counts tiles then.
+        max_memory / tile: encode in tiles, exactly (see `decode`): max_memory ("2GiB", bytes)
+        plans the tiles; tile (image pixels, an int or (height, width), a multiple of the
+        downsampling factor) sets them. tile_mode="blend": the approximate overlapping tiles with
+        blended seams of `vaeinfer.tiling` (tile= a multiple of `multiple_of`).
+        `progress(done)` counts tiles then (`exact_plan(...).total` of them).
         """
         x = self._x(x)
         bs = inputs.batch_size(batch_size)
-        if tile is not None:
-            outs = self._tiled("encode", x, tile, bs, progress)
-        else:
-            outs = self._encode_raw(x, bs, progress)
+        outs = self._spatial("encode", x, tile, max_memory, tile_mode, bs, progress)
         mean, logvar = outs[0], (outs[1] if len(outs) > 1 else None)
         if scaled:
             s = np.float32(self.scaling_factor)
@@ -104,31 +104,49 @@ class SpatialVAE(Model):
         return Posterior(mean.astype(np.float32, copy=False), logvar)
 
     def decode_params(self, z, scaled: bool = False, tile=None, batch_size: int | None = None,
-                      progress=None) -> np.ndarray:
+                      progress=None, max_memory=None, tile_mode: str = "exact") -> np.ndarray:
         """The decoder's raw output (the likelihood's mean, unclipped) for latents z (N, c, h, w)."""
         z = self._z(z, scaled)
         bs = inputs.batch_size(batch_size)
-        if tile is not None:
-            return self._tiled("decode", z, tile, bs, progress)[0]
-        return self._decode_raw(z, bs, progress)
+        return self._spatial("decode", z, tile, max_memory, tile_mode, bs, progress)[0]
 
-    def decode(self, z, scaled: bool = False, tile=None, batch_size: int | None = None, progress=None) -> np.ndarray:
+    def decode(self, z, scaled: bool = False, tile=None, batch_size: int | None = None, progress=None,
+               max_memory=None, tile_mode: str = "exact") -> np.ndarray:
         """Images (N, C, f h, f w) in the value range for latents z (N, c, h, w) or a Posterior's means.
 
         scaled=True: z are diffusion latents (decoded as z / scaling_factor + shift_factor).
-        tile: decode latents larger than `tile` *latent* pixels (an int or (height, width); 64 is a
-        512-pixel tile for an 8x decoder) in overlapping tiles (a quarter of the tile) with blended
-        seams, in memory bounded by the output plus one tile's activations, not the image's.
-        `progress(done)` is called as batches (or, with tile, tiles) finish; see `tile_count`.
+        max_memory: decode within this much memory beyond the input and the output ("2GiB",
+        "512MiB" or bytes): exact tiling (`vaeinfer.exact_tiling`) plans tiles, attention chunks and
+        what goes to disk before running, and raises MemoryBudgetError naming the smallest budget
+        that works when it cannot. The result equals the untiled decode (GroupNorm statistics and
+        attention over the whole image). Needs a bundle exported with the stage graphs
+        (`--exact-tiling`); `exact_tiling_info()` says whether this one has them.
+        tile: set the exact tiles yourself, in *latent* pixels (an int or (height, width)).
+        tile_mode="blend": instead, the approximate overlapping tiles (a quarter of the tile) with
+        blended seams of `vaeinfer.tiling`, for any decoder; seams show where GroupNorm or attention
+        sees a tile instead of the image.
+        `progress(done)` is called as batches (or tiles) finish; see `exact_plan` / `tile_count`.
         """
-        return self._images_from_params(self.decode_params(z, scaled, tile, batch_size, progress))
+        params = self.decode_params(z, scaled, tile, batch_size, progress, max_memory, tile_mode)
+        if max_memory is not None and self.manifest.likelihood["kind"] != "bernoulli":
+            # the Gaussian/Laplace mean clipped in place: no second output-sized array in the budget
+            lo, hi = self.manifest.value_range
+            np.maximum(params, np.float32(lo), out=params)
+            np.minimum(params, np.float32(hi), out=params)
+            return params
+        return self._images_from_params(params)
 
-    def reconstruct(self, x, tile=None, batch_size: int | None = None) -> np.ndarray:
-        """decode(encode(x).mean): the model's deterministic reconstruction of x."""
-        return self.decode(self.encode(x, tile=tile, batch_size=batch_size).mean, tile=tile, batch_size=batch_size)
+    def reconstruct(self, x, tile=None, batch_size: int | None = None, max_memory=None,
+                    tile_mode: str = "exact") -> np.ndarray:
+        """decode(encode(x).mean): the model's deterministic reconstruction of x (tile: image pixels)."""
+        t = None if tile is None else (tile // self.downsample if isinstance(tile, int) else
+                                       tuple(v // self.downsample for v in tile))
+        mean = self.encode(x, tile=tile, batch_size=batch_size, max_memory=max_memory, tile_mode=tile_mode).mean
+        return self.decode(mean, tile=t, batch_size=batch_size, max_memory=max_memory, tile_mode=tile_mode)
 
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0, height: int | None = None,
-               width: int | None = None, tile=None, batch_size: int | None = None, progress=None) -> np.ndarray:
+               width: int | None = None, tile=None, batch_size: int | None = None, progress=None,
+               max_memory=None, tile_mode: str = "exact") -> np.ndarray:
         """n images decoded from latents temperature * eps, eps ~ N(0, I) (numpy's Generator(seed)),
         (n, c, height / f, width / f); default size: the manifest's native image size.
 
@@ -143,7 +161,8 @@ class SpatialVAE(Model):
         inputs.spatial_size((n, 0, h, w), lat["multiple_of"], lat["min_size"], "sample")
         shape = (n, self.latent_channels, h // self.downsample, w // self.downsample)
         eps = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        return self.decode(eps * np.float32(temperature), tile=tile, batch_size=batch_size, progress=progress)
+        return self.decode(eps * np.float32(temperature), tile=tile, batch_size=batch_size, progress=progress,
+                           max_memory=max_memory, tile_mode=tile_mode)
 
     def score(self, x, samples: int = 100, seed: int = 0, batch_size: int | None = None,
               index_offset: int = 0) -> Score:
@@ -161,6 +180,153 @@ class SpatialVAE(Model):
         return iwae_score(self, x, samples, seed, batch_size, index_offset, latent)
 
     # --- tiles ----------------------------------------------------------------------------
+
+    TILE_MODES = ("exact", "blend")
+
+    def _spatial(self, direction: str, a: np.ndarray, tile, max_memory, tile_mode: str, batch_size,
+                 progress) -> list[np.ndarray]:
+        """Untiled, exactly tiled (max_memory / tile) or blended (tile_mode="blend")."""
+        if tile_mode not in self.TILE_MODES:
+            raise InputError(f"tile_mode: expected one of {self.TILE_MODES}, got {tile_mode!r:.40}")
+        if tile_mode == "blend":
+            if max_memory is not None:
+                raise InputError("max_memory plans exact tiles; tile_mode='blend' takes tile= (its size) instead")
+            if tile is None:
+                raise InputError("tile_mode='blend' needs tile= (the tile size)")
+            return self._tiled(direction, a, tile, batch_size, progress)
+        if tile is None and max_memory is None:
+            if direction == "decode":
+                return [self._decode_raw(a, batch_size, progress)]
+            return self._encode_raw(a, batch_size, progress)
+        return self._exact(direction, a, tile, max_memory, progress)
+
+    def exact_tiling_info(self) -> dict:
+        """Whether this bundle decodes/encodes with exact tiling: {"decoder": bool, "encoder":
+        bool, "why": the reason when not (a model not of the AutoencoderKL family, or a bundle
+        exported without the stage graphs)}."""
+        slot = self.manifest.exact_tiling or {}
+        have = {d: d in slot for d in ("decoder", "encoder")}
+        why = None
+        if not all(have.values()):
+            why = slot.get("unavailable") or ("this bundle has no exact-tiling stage graphs; re-export it with "
+                                              "--exact-tiling (vaeinfer export-diffusers)")
+        return {**have, "why": why}
+
+    def exact_plan(self, shape, direction: str = "decode", tile=None, max_memory=None):
+        """The plan exact tiling would run for an input of `shape` (`vaeinfer.exact_tiling.Plan`:
+        `.total` tiles for `progress`, `.peak` estimated bytes, `.describe()`); raises
+        MemoryBudgetError when max_memory cannot be met.
+
+        With a budget that the stage graphs' weights would take a quarter of, each stage graph is
+        loaded for its step and released after it (`.stream`: only the largest counts in the
+        budget; loading them all costs about 3x their files' size, 650 MiB for SD's decoder);
+        otherwise they are loaded once and kept."""
+        from vaeinfer import exact_tiling
+
+        role = "decoder" if direction == "decode" else "encoder"
+        d = self._exact_direction(role)
+        budget = None if max_memory is None else exact_tiling.parse_bytes(max_memory)
+        tiles = None if tile is None else self._exact_tile(direction, tile)
+        resident = self._stage_resident(role)
+        stream = budget is not None and resident > budget // 4
+        p = exact_tiling.plan(d, tuple(shape), budget, tiles, self._stage_resident(role, True) if stream else resident)
+        p.stream = stream
+        return p
+
+    def _exact_direction(self, role: str):
+        slot = self.manifest.exact_tiling or {}
+        if role not in slot:
+            why = self.exact_tiling_info()["why"]
+            raise InputError(f"{self.manifest.name}: exact tiling (max_memory, tile) is not available: {why}. "
+                             "Pass tile_mode='blend' with tile= for approximate tiles with blended seams.")
+        if self.info.precision != "fp32":
+            raise InputError(f"{self.manifest.name}: exact tiling runs the fp32 stage graphs; this model is loaded "
+                             f"with precision {self.info.precision!r} (load it with precision='fp32')")
+        return slot[role]
+
+    def _exact_tile(self, direction: str, tile) -> tuple[int, int]:
+        tiles = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+        if len(tiles) != 2 or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0
+                                      for t in tiles):
+            raise InputError(f"tile: expected a positive int or (height, width) ints, got {tile!r}")
+        if direction == "encode" and any(t % self.downsample for t in tiles):
+            raise InputError(f"tile: expected multiples of {self.downsample} (image pixels) for exact tiled "
+                             f"encoding, got {tile!r}")
+        return int(tiles[0]), int(tiles[1])
+
+    def _stage_resident(self, role: str, largest: bool = False) -> int:
+        """Bytes the stage graphs will take once loaded (0 when they are): three times their files'
+        size (measured on SD's decoder: the bytes read, the session's weights, prepacked convolution
+        weights) and a session's own memory each; largest=True: the largest one's alone."""
+        import os
+
+        from vaeinfer.exact_tiling import SESSION_BYTES
+
+        if role in getattr(self, "_stages", {}):
+            return 0
+        d = (self.manifest.exact_tiling or {})[role]
+        costs = [3 * os.stat(self.bundle.path / s.file).st_size + SESSION_BYTES for s in d.graphs().values()]
+        return max(costs) if largest else sum(costs)
+
+    def _stage_graph(self, role: str, name: str):
+        """One stage graph as a runtime Graph on this model's device, in the shared host arena."""
+        import inspect
+
+        from vaeinfer import exact_tiling
+        from vaeinfer.runtime import Graph
+
+        device = self.graph(role).device
+        make = device.entry.make_runner
+        params = inspect.signature(make).parameters
+        extra = {"arena": "shared"} if "arena" in params or any(
+            p.kind == p.VAR_KEYWORD for p in params.values()) else {}
+        step = self.manifest.exact_tiling[role].graphs()[name]
+        spec, what = exact_tiling.stage_spec(step), f"{self.manifest.name}/{name}"
+        runner = make(self.bundle.read_graph(name, "fp32"), device, threads=self.info.threads, what=what,
+                      precision="fp32", spec=spec, **extra)
+        return Graph(runner, spec, what, device)
+
+    def _stage_graphs(self, role: str):
+        """The stage graphs of a direction, made on first use and kept."""
+        import threading
+
+        lock = self.__dict__.setdefault("_stage_lock", threading.Lock())
+        with lock:
+            stages = self.__dict__.setdefault("_stages", {})
+            if role not in stages:
+                stages[role] = {name: self._stage_graph(role, name)
+                                for name in self.manifest.exact_tiling[role].graphs()}
+            return stages[role]
+
+    def _exact(self, direction: str, a: np.ndarray, tile, max_memory, progress) -> list[np.ndarray]:
+        from vaeinfer import exact_tiling
+        from vaeinfer.runtime import check_finite
+
+        role = "decoder" if direction == "decode" else "encoder"
+        d = self._exact_direction(role)
+        p = self.exact_plan(a.shape, direction, tile, max_memory)  # refuses before anything runs
+        graphs = None if p.stream else self._stage_graphs(role)
+
+        def runner(name):  # streamed: made for its step, released after it
+            graph = self._stage_graph(role, name) if graphs is None else graphs[name]
+            session = graph.session  # onnxruntime: its last tile shrinks the shared arena afterwards
+            if session is None or not hasattr(graph.runner, "run_options"):
+                return lambda feeds, last=False: graph.run(feeds)
+
+            def run(feeds, last=False):
+                if not last:
+                    return graph.run(feeds)
+                options = graph.runner.run_options()
+                options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+                outs = session.run([t.name for t in graph.spec.outputs], feeds, options)
+                check_finite(outs[0], f"{graph.what} output y")
+                return outs
+            return run
+
+        outs = exact_tiling.run(d, p, a, runner, progress)
+        for (name, _), o in zip(d.outputs, outs):
+            check_finite(o, f"{self.manifest.name}/{role} output {name} (exact tiling)")
+        return outs
 
     def _tiling(self, direction: str, tile, overlap):
         """(factor, multiple, tile, overlap) for vaeinfer.tiling, in the input's units."""

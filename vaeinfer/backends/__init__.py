@@ -72,8 +72,10 @@ class Backend:
     engine: str  # the library that runs the graphs, for messages: "onnxruntime"
     install_hint: str  # how to get it, e.g. "install 'vaeinfer[gpu]' (onnxruntime-gpu) without onnxruntime"
     is_available: Callable[[], bool]  # cheap: can this process make runners (no graph loaded)
-    # (graph bytes, Device, *, threads, what, precision, spec, capture) -> Runner; BackendError if it
-    # cannot run here, BundleError if the graph is refused; capture: try graph capture (if declared)
+    # (graph bytes, Device, *, threads, what, precision, spec, capture, arena) -> Runner; BackendError if
+    # it cannot run here, BundleError if the graph is refused; capture: try graph capture (if declared);
+    # arena=False: give host memory back after each run, "shared": one host arena for all such runners
+    # (a backend without a host arena ignores it)
     make_runner: Callable[..., Runner]
     indexed: bool = False  # device strings carry an index ("cuda:1")
     default: bool = False  # the backend a bare device string of its family picks

@@ -110,7 +110,7 @@ class OpenVINORunner:
         return [request.get_output_tensor(self._index[n]).data.copy() for n in names]
 
 
-def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=None, capture=False):
+def make_runner(graph: bytes, device, *, threads, what, precision="fp32", spec=None, capture=False, arena=True):
     return OpenVINORunner(graph, threads=threads, what=what, precision=precision)
 
 

@@ -208,20 +208,25 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
                    "synthetic smooth images.")
 @click.option("--config", "diffusers_config", default=None, type=click.Path(exists=True),
               help="With --from-diffusers FILE.safetensors: its diffusers config folder or config.json.")
+@click.option("--exact-tiling/--no-exact-tiling", default=None,
+              help="With --from-diffusers: add (or leave out) the stage graphs of exact tiled decode/encode "
+                   "(decode --max-memory). Default: added for an AutoencoderKL of the supported family.")
 def export_cmd(checkpoint, out, name, modules, image_shape, likelihood, scale, variants, calibration_data,
-               diffusers_src, diffusers_config):
+               diffusers_src, diffusers_config, exact_tiling):
     """Export a run folder (or its checkpoint.json), your own modules, or a diffusers autoencoder
     (--from-diffusers) to a validated ONNX bundle."""
     _training_side()
     from vaeinfer.export import export_checkpoint, export_vae
 
+    if exact_tiling is not None and not diffusers_src:
+        raise click.UsageError("--exact-tiling applies to --from-diffusers")
     if diffusers_src:
         if checkpoint or modules:
             raise click.UsageError("--from-diffusers takes no CHECKPOINT argument and no --modules")
         from vaeinfer.export.diffusers import from_diffusers
 
         path = from_diffusers(diffusers_src, out, name=name, config=diffusers_config, precisions=variants,
-                              progress=lambda message: click.echo(message, err=True))
+                              exact_tiling=exact_tiling, progress=lambda message: click.echo(message, err=True))
         variants = ()  # made and validated by from_diffusers
     elif modules:
         if checkpoint or not image_shape:

@@ -27,20 +27,28 @@ from vaeinfer.op_params import SAMPLE, SCORE
               help="Output: .png, .jpg or .webp (a grid), .npy or .npz (float32 images N, C, H, W).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
-              help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (bounded memory).")
+              help="Spatial VAE: decode in tiles of this many latent pixels (exact; see --tile-mode).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Spatial VAE: decode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
+                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
+@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
+              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
+                   "overlapping tiles with blended seams, for any model; needs --tile).")
 def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow,
-           height, width, tile):
+           height, width, tile, max_memory, tile_mode):
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
     _check_out(out)
     m = _load(model, device, threads, precision)
-    asked = {"top_k": top_k, "top_p": top_p, "label": label, "height": height, "width": width, "tile": tile}
+    asked = {"top_k": top_k, "top_p": top_p, "label": label, "height": height, "width": width, "tile": tile,
+             "max_memory": max_memory, "tile_mode": tile_mode}
     allowed = kinds.get(m.info.kind).sample_options
     kwargs = {k: v for k, v in asked.items() if k in allowed}
     refused = [k for k, v in asked.items() if k not in allowed and v is not None]
     if refused:
         flags = ", ".join("--" + k.replace("_", "-") for k in refused)
         raise InputError(f"{flags} do not apply to {m.info.name}, a {m.info.kind} model "
-                         f"(--top-k, --top-p and --label apply to VQ-VAE models; --height, --width and --tile "
+                         f"(--top-k, --top-p and --label apply to VQ-VAE models; --height, --width, --tile, "
+                         f"--max-memory and --tile-mode "
                          f"to spatial-vae models)")
     bar, advance = _progress(n, "sampling")
     with bar:
@@ -58,15 +66,29 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
 @click.option("--scaled", is_flag=True, help="Spatial VAE: write diffusion latents ((z - shift) * scaling_factor); "
               "video VAE: (mean - latents_mean) / latents_std.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
-              help="Spatial VAE: encode in overlapping, blended tiles of this many image pixels (bounded memory).")
-def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile):
+              help="Spatial VAE: encode in tiles of this many image pixels (exact; see --tile-mode).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Spatial VAE: encode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
+                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
+@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
+              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
+                   "overlapping tiles with blended seams, for any model; needs --tile).")
+def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile, max_memory, tile_mode):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents; a video model: one
     clip (a video file, a folder of frames, or a .npy/.npz of N, 3, T, H, W) to .npy (means) or .npz."""
     m = _load(model, device, threads, precision)
     if video.is_video_model(m):
         return video.encode(m, inputs, out, batch_size, scaled)
     _check_out(out, (".npz",))
-    result = m.encode(_read_images(m, inputs), batch_size=batch_size, **_spatial_options(m, scaled=scaled, tile=tile))
+    options = _spatial_options(m, scaled=scaled, tile=tile, max_memory=max_memory, tile_mode=tile_mode)
+    x = _read_images(m, inputs)
+    total, label = _tiles(m, "encode", x, options)
+    if not options:  # every kind's encode; a spatial VAE's takes progress too
+        result = m.encode(x, batch_size=batch_size)
+    else:
+        bar, advance = _progress(total, label)
+        with bar:
+            result = m.encode(x, batch_size=batch_size, progress=advance, **options)
     arrays = {k: getattr(result, k) for k in result.__dataclass_fields__ if getattr(result, k) is not None}
     image_io.save_arrays(out, **arrays)
     click.echo(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})", err=True)
@@ -80,11 +102,17 @@ def encode(model, device, threads, precision, inputs, out, batch_size, scaled, t
 @click.option("--scaled", is_flag=True, help="Spatial VAE: the latents are diffusion latents (z / scaling_factor + shift); "
               "video VAE: z * latents_std + latents_mean.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
-              help="Spatial VAE: decode in overlapping, blended tiles of this many latent pixels (64 = 512 "
-                   "image pixels at 8x), in bounded memory.")
+              help="Spatial VAE: decode in tiles of this many latent pixels (64 = 512 image pixels at 8x; exact, "
+                   "see --tile-mode).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Spatial VAE: decode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
+                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
+@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
+              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
+                   "overlapping tiles with blended seams, for any model; needs --tile).")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
               help="Video model: frames per second of the video written.")
-def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile, fps):
+def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile, max_memory, tile_mode, fps):
     """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images; a
     video model's (N, c, T, h, w) to .mp4, .webm, .gif, a folder of PNGs (FOLDER/) or .npy/.npz."""
     m = _load(model, device, threads, precision)
@@ -97,13 +125,26 @@ def decode(model, device, threads, precision, latents, out, batch_size, scaled, 
         raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
     if video.is_video_model(m):
         return video.decode(m, arrays[key], out, batch_size, scaled, fps)
-    options = _spatial_options(m, scaled=scaled, tile=tile)
+    options = _spatial_options(m, scaled=scaled, tile=tile, max_memory=max_memory, tile_mode=tile_mode)
     z = arrays[key]
-    total = m.tile_count(np.shape(z), tile) if tile and np.ndim(z) == 4 else (len(z) if np.ndim(z) else 1)
-    bar, advance = _progress(total, "decoding tiles" if tile else "decoding")
+    total, label = _tiles(m, "decode", z, options)
+    bar, advance = _progress(total, label)
     with bar:
         images = m.decode(z, batch_size=batch_size, progress=advance, **options)
     _write_images(images, out, model=m)
+
+
+def _tiles(m, direction: str, a, options: dict) -> tuple[int, str]:
+    """The progress bar's total and label: tiles (exact or blended) or rows."""
+    verb = "decoding" if direction == "decode" else "encoding"
+    tiled = options.get("tile") is not None or options.get("max_memory") is not None
+    if not tiled or np.ndim(a) != 4:
+        return (len(a) if np.ndim(a) else 1), verb
+    if options.get("tile_mode") == "blend":
+        return m.tile_count(np.shape(a), options["tile"], direction=direction), f"{verb} blended tiles"
+    plan = m.exact_plan(np.shape(a), direction, options.get("tile"), options.get("max_memory"))
+    click.echo(f"exact tiling: {plan.describe()}", err=True)
+    return plan.total, f"{verb} exact tiles"
 
 
 @main.command()
@@ -175,5 +216,9 @@ def info(model, device, threads, precision, list_backends):
             default = " (default)" if name == vaeinfer.DEFAULT_MODEL else ""
             click.echo(f"{name}{default}: {m.kind}, image {'x'.join(map(str, m.image))}, latent {m.latent}")
         return
-    i = _load(model, device, threads, precision).info
-    click.echo(json.dumps({k: getattr(i, k) for k in i.__dataclass_fields__}, indent=2, default=list))
+    m = _load(model, device, threads, precision)
+    i = m.info
+    facts = {k: getattr(i, k) for k in i.__dataclass_fields__}
+    if hasattr(m, "exact_tiling_info"):  # a spatial VAE: whether decode --max-memory is exact here, or why not
+        facts["exact_tiling"] = m.exact_tiling_info()
+    click.echo(json.dumps(facts, indent=2, default=list))

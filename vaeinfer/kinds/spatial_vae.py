@@ -98,6 +98,6 @@ KIND = register(Kind(
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder,
     graphs=lambda m: spatial_vae_graphs(m.image[0], m.latent["channels"], m.latent["stochastic"]),
     int_limits=lambda m: {},
-    latent_keys=("z", "mean"), sample_options=("height", "width", "tile"), scorable=True,
+    latent_keys=("z", "mean"), sample_options=("height", "width", "tile", "max_memory", "tile_mode"), scorable=True,
     channels=(1, 3, 4), likelihoods=("gaussian", "laplace"), scale_optional=True, parse_image=parse_image, example_feeds=example_feeds,
 ))

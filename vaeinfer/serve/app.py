@@ -13,6 +13,7 @@ reconstruct, and the decoding step of sample) go through a micro-batcher per mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -64,9 +65,19 @@ class Served:
     def __init__(self, name: str, model, config: ServeConfig, metrics: Metrics):
         self.name, self.model, self.config = name, model, config
         self.latent_keys = kinds.get(model.info.kind).latent_keys
-        self.batchers = {m: Batcher(getattr(model, m), config.max_batch, config.max_wait_ms / 1000,
+        self.batchers = {m: Batcher(self._method(m), config.max_batch, config.max_wait_ms / 1000,
                                     metrics.on_batch(name, m)) for m in BATCHED if hasattr(model, m)}
         self.ops = {op.name: op for op in OPS if hasattr(model, op.method)}
+
+    def _method(self, m: str):
+        """The model's method `m`; with max_memory, a spatial VAE's runs with exact tiling in it."""
+        method = getattr(self.model, m)
+        if self.config.max_memory is None or not hasattr(self.model, "exact_tiling_info"):
+            return method
+        info = self.model.exact_tiling_info()
+        if not (info["decoder"] and info["encoder"]):
+            raise InputError(f"serve --max-memory: {self.name} cannot decode with exact tiling: {info['why']}")
+        return functools.partial(method, max_memory=self.config.max_memory)
 
     def params(self, op: Op) -> set[str]:
         sig = inspect.signature(getattr(self.model, op.method)).parameters

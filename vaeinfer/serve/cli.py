@@ -30,8 +30,11 @@ from vaeinfer.cli.common import load_extras, main, runtime_options
 @click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to finish in-flight requests before stopping.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Spatial VAEs: decode and encode each batch with exact tiling within this much memory "
+                   "(2GiB, 512MiB, bytes); the result equals the untiled one.")
 def serve(models, host, port, workers, device, threads, precision, max_batch, max_wait_ms, max_queue, max_body_bytes,
-          max_rows, graceful_timeout, access_log):
+          max_rows, graceful_timeout, access_log, max_memory):
     """Serve models over HTTP (needs the serve extra: pip install "vaeinfer[serve]").
 
     POST /v1/models/MODEL/{sample,encode,decode,reconstruct,score,interpolate}, GET /v1/models,
@@ -46,7 +49,8 @@ def serve(models, host, port, workers, device, threads, precision, max_batch, ma
 
     config = ServeConfig(models=models, device=device, threads=threads, precision=precision, **load_extras(),
                          max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, max_queue=max_queue, max_body_bytes=max_body_bytes, max_rows=max_rows)
+                         max_wait_ms=max_wait_ms, max_queue=max_queue, max_body_bytes=max_body_bytes, max_rows=max_rows,
+                         max_memory=max_memory)
     options = dict(host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=access_log,
                    log_level="info")
     if workers == 1:

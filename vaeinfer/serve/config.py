@@ -16,7 +16,10 @@ class ServeConfig:
     max_wait_ms: how long a batch that is not full waits for more requests.
     max_queue: requests admitted at once (running or waiting); more get 503.
     max_body_bytes: request body limit (413 above); also bounds an .npz's unpacked size.
-    max_rows: rows (images, latents, or n for sample) one request may ask for (413 above)."""
+    max_rows: rows (images, latents, or n for sample) one request may ask for (413 above).
+    max_memory: spatial VAEs decode and encode (each merged batch) with exact tiling within this
+    much memory ("2GiB", bytes; vaeinfer.exact_tiling); a spatial model without the stage graphs
+    is refused at load. None: untiled."""
 
     models: tuple[str, ...] = ("mnist-vae",)
     device: str = "auto"
@@ -29,6 +32,7 @@ class ServeConfig:
     max_queue: int = 256
     max_body_bytes: int = 16 << 20
     max_rows: int = 1024
+    max_memory: str | int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -37,6 +41,10 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_rows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"serve: {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_memory is not None:
+            from vaeinfer.exact_tiling import parse_bytes
+
+            parse_bytes(self.max_memory, "serve: max_memory")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"serve: max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
 
