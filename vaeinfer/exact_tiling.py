@@ -38,6 +38,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from vaeinfer import host_memory
+
 from vaeinfer.errors import BundleError, InputError
 from vaeinfer.manifest_fields import get as _get, positive as _positive
 from vaeinfer.spec import BATCH, GraphSpec, TensorSpec
@@ -601,35 +603,6 @@ def _input_range(o0: int, o1: int, length_in: int, f: Fraction, halo: int) -> tu
     return max(0, math.floor(a) - halo), min(length_in, math.ceil(b) + halo)
 
 
-def _bounded_malloc() -> None:
-    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    tile-sized buffers come from the heap, whose freed holes are not given back: the resident set
-    then grows far past the budget. A fixed threshold keeps every large buffer in its own mapping,
-    returned on free. Process-wide, set once, on glibc only; results are unaffected."""
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator keeps its own policy
-
-
-def _trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-_MALLOC_SET = False
-_M_MMAP_THRESHOLD = -3
 
 
 def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None, spill_dir=None) -> list[np.ndarray]:
@@ -638,7 +611,7 @@ def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None,
     (last: the stage's last tile, after which its working memory may be given back). Returns the
     direction's outputs (channel slices of the last step's output)."""
     if p.budget is not None and sys.platform.startswith("linux"):
-        _bounded_malloc()
+        host_memory.bounded_malloc()
     steps = direction.steps
     stats_needed = {s.x for s in steps if s.norm is not None}
     stores = {direction.input: _Memory(array.shape, array)}
@@ -677,7 +650,7 @@ def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None,
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         if p.budget is not None and sys.platform.startswith("linux"):
-            _trim()
+            host_memory.trim()
     parts, c0 = [], 0
     for _, c in direction.outputs:
         parts.append(out[:, c0:c0 + c] if len(direction.outputs) == 1 else np.ascontiguousarray(out[:, c0:c0 + c]))

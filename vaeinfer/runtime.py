@@ -382,11 +382,12 @@ class Model:
         workers = (threads or usable_cpus()) if backend.host_threads else 1
         what = f"{self.manifest.name}/{role}"
         role_buckets = buckets if spec.batch_buckets else ()
+        arena = {} if self.host_arena is True else {"arena": self.host_arena}
         runner = backend.make_runner(data, device, threads=threads, what=what, precision=precision, spec=spec,
-                                     capture=bool(role_buckets))
+                                     capture=bool(role_buckets), **arena)
 
         def serial():
-            return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec)
+            return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec, **arena)
 
         return Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
 
@@ -465,6 +466,10 @@ class Model:
         )
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
+    # the host memory arena of its graphs (make_runner's `arena`): True keeps each graph's working
+    # memory between calls (fastest); False gives it back after each call (a kind whose calls must
+    # not add up, e.g. a video decoder's steps)
+    host_arena: bool | str = True
 
     def graph(self, role: str) -> Graph:
         """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""

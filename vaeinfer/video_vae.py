@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from vaeinfer import host_memory
+
 from vaeinfer import inputs
 from vaeinfer.errors import BundleError, InputError
 from vaeinfer.kinds.video_vae import FIRST, cache_names
@@ -64,7 +66,17 @@ def encode_steps(first, step, chunks: Iterable[np.ndarray], batch_size=None) -> 
 
 
 class VideoVAE(Model):
-    """A loaded video-vae bundle; safe to share between threads (a stream's caches are its own)."""
+    """A loaded video-vae bundle; safe to share between threads (a stream's caches are its own).
+
+    Memory stays constant in the clip's length: each step's working memory is given back after
+    the step (no host arena keeping the largest step's buffers, and glibc's large-block threshold
+    fixed: vaeinfer.host_memory), so only the caches and one step are ever alive."""
+
+    host_arena = False
+
+    def __init__(self, *args, **kwargs):
+        host_memory.bounded_malloc()
+        super().__init__(*args, **kwargs)
 
     @property
     def latent_channels(self) -> int:
