@@ -33,7 +33,7 @@ from benchmarks.harness import memory
 from benchmarks.harness import report as results
 from benchmarks.harness.cli import description, int_list, name_list
 
-PATHS = ("vaeinfer", "vaeinfer-stream", "diffusers-fp32", "diffusers-bf16", "diffusers-tiled-fp32",
+PATHS = ("vaeinfer", "vaeinfer-stream", "vaeinfer-bf16", "diffusers-fp32", "diffusers-bf16", "diffusers-tiled-fp32",
          "diffusers-tiled-bf16")
 QUICK = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
@@ -54,11 +54,12 @@ def child(path: str, model_dir: str, bundle: str, t: int, side: int, threads: in
     if path.startswith("vaeinfer"):
         import vaeinfer
 
-        m = vaeinfer.load(bundle, threads=threads)
+        # vaeinfer-bf16: the fp32 step graphs in bf16 on the backend that has it (OpenVINO)
+        m = vaeinfer.load(bundle, threads=threads, precision="bf16" if path == "vaeinfer-bf16" else "fp32")
         m.decode(z[:, :, :1])  # warm-up
         after_load = memory.peak_rss_mib()
         t0 = time.perf_counter()
-        if path == "vaeinfer":
+        if path != "vaeinfer-stream":
             out = m.decode(z)
         else:
             frames, out = 0, None
@@ -136,7 +137,7 @@ def summary(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     longest = max((r["latent_frames"] for r in ok), default=None)
     out = {}
-    for path in ("vaeinfer", "vaeinfer-stream"):
+    for path in ("vaeinfer", "vaeinfer-stream", "vaeinfer-bf16"):
         mine = sorted((r for r in ok if r["path"] == path), key=lambda r: r["latent_frames"])
         if len(mine) >= 2:
             out[f"{path}_rss_growth"] = mine[-1]["peak_rss_mib"] / mine[0]["peak_rss_mib"] - 1
@@ -145,8 +146,9 @@ def summary(rows: list[dict]) -> dict:
     out["vaeinfer_max_abs_err"] = max(errs) if errs else None
     at = [r for r in ok if r["latent_frames"] == longest]
     best = min((r["seconds_per_frame"] for r in at if r["path"].startswith("diffusers")), default=None)
-    mine = next((r["seconds_per_frame"] for r in at if r["path"] == "vaeinfer"), None)
-    out["speedup_vs_fastest_diffusers"] = best / mine if best and mine else None
+    for path in ("vaeinfer", "vaeinfer-bf16"):
+        mine = next((r["seconds_per_frame"] for r in at if r["path"] == path), None)
+        out[f"{path}_speedup_vs_fastest_diffusers"] = best / mine if best and mine else None
     return out
 
 
@@ -165,9 +167,11 @@ def table(report: dict) -> list[str]:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines += ["", f"vaeinfer peak RSS growth from the shortest to the longest clip: "
                   f"{fmt(s.get('vaeinfer_rss_growth'), '+.1%')} (decode, frames kept), "
-                  f"{fmt(s.get('vaeinfer-stream_rss_growth'), '+.1%')} (decode_stream); worst error "
+                  f"{fmt(s.get('vaeinfer-stream_rss_growth'), '+.1%')} (decode_stream), "
+                  f"{fmt(s.get('vaeinfer-bf16_rss_growth'), '+.1%')} (bf16); worst fp32 error "
                   f"{fmt(s.get('vaeinfer_max_abs_err'), '.2g')}; per-frame speed-up over the fastest diffusers path "
-                  f"at the longest clip: {fmt(s.get('speedup_vs_fastest_diffusers'), '.2f')}x."]
+                  f"at the longest clip: {fmt(s.get('vaeinfer_speedup_vs_fastest_diffusers'), '.2f')}x (fp32), "
+                  f"{fmt(s.get('vaeinfer-bf16_speedup_vs_fastest_diffusers'), '.2f')}x (bf16)."]
     return lines
 
 
@@ -187,6 +191,8 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--paths", type=name_list, default=list(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--quick", action="store_true", help="a tiny random config, 64x64, clips 5,9: checks the plumbing")
     ap.add_argument("--out", metavar="STEM", help="write benchmarks/results/STEM.json and STEM.md")
+    ap.add_argument("--reuse", metavar="DIR", help="a folder with model/ (saved diffusers model) and bundle/ "
+                    "(its export) from an earlier run: skips the export")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips, args.size = [5, 9], 64
@@ -195,7 +201,8 @@ def main(argv=None) -> dict | None:
         ap.error(f"clips must be 1 + 4 k frames (got {bad}) and --size a multiple of 8 (got {args.size})")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir, bundle = prepare(tmp, args.quick)
+        model_dir, bundle = (Path(args.reuse) / "model", Path(args.reuse) / "bundle") if args.reuse \
+            else prepare(tmp, args.quick)
         rows = measure(model_dir, bundle, [1 + (c - 1) // 4 for c in args.clips], args.size // 8, args.threads,
                        args.paths, tmp)
     report = {**results.provenance(__spec__.name, argv),
