@@ -181,7 +181,8 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
                    precisions=(), height: int | None = None, width: int | None = None,
                    tolerance: float = TOLERANCE, calibration_images: int = 16, progress=None,
                    exact_tiling: bool | None = None) -> Path:
-    """Export a diffusers AutoencoderKL / AutoencoderTiny / VQModel into a validated spatial-vae bundle.
+    """Export a diffusers AutoencoderKL / AutoencoderTiny / VQModel into a validated spatial-vae bundle,
+    or an AutoencoderKLWan / AutoencoderKLQwenImage into a video-vae bundle (export.video_vae).
 
     src: a save_pretrained folder (or a pipeline folder with vae/), or a single .safetensors file
         with `config` its diffusers config folder. sizes: image sizes (H, W) validated against the
@@ -203,6 +204,9 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
         if precisions:
             raise ExportError(f"{type(module).__name__}: precision variants of video VAEs are not made yet; "
                               "export fp32 (bf16 runs computed on OpenVINO)")
+        if exact_tiling:
+            raise ExportError(f"{type(module).__name__}: exact tiling is for the AutoencoderKL family, not video "
+                              "VAEs (their decode streams frame by frame instead); export without --exact-tiling")
         return export_video_vae(module, out_dir, name=name or Path(out_dir).name, source=_source(module, cfg, src),
                                 height=height, width=width, progress=progress)
     facts = _facts(module, cfg)

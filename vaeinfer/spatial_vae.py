@@ -209,7 +209,7 @@ class SpatialVAE(Model):
         why = None
         if not all(have.values()):
             why = slot.get("unavailable") or ("this bundle has no exact-tiling stage graphs; re-export it with "
-                                              "--exact-tiling (vaeinfer export-diffusers)")
+                                              "--exact-tiling (vaeinfer export --from-diffusers DIR --exact-tiling)")
         return {**have, "why": why}
 
     def exact_plan(self, shape, direction: str = "decode", tile=None, max_memory=None):

@@ -202,7 +202,8 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
 @click.option("--calibration-data", default=None, type=click.Path(exists=True),
               help="With --modules and --precision: training images to calibrate on (.npy/.npz, IDX, image folder).")
 @click.option("--from-diffusers", "diffusers_src", default=None, type=click.Path(exists=True),
-              help="Import a diffusers AutoencoderKL / AutoencoderTiny / VQModel: a save_pretrained folder "
+              help="Import a diffusers AutoencoderKL / AutoencoderTiny / VQModel (image) or AutoencoderKLWan / "
+                   "AutoencoderKLQwenImage (video): a save_pretrained folder "
                    "(config.json + safetensors) or a single .safetensors file (with --config). Local files only; "
                    f"needs the diffusers extra. --precision {'/'.join(precisions.variant_names())} calibrate on "
                    "synthetic smooth images.")

@@ -39,6 +39,10 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
     _check_out(out)
     m = _load(model, device, threads, precision)
+    if video.is_video_model(m):
+        raise InputError(f"{m.info.name} is a video-vae model: `vaeinfer sample` writes image grids; decode "
+                         "latents to a clip with `vaeinfer decode -m MODEL z.npy -o clip.mp4` (or, in Python, "
+                         "model.sample(n, frames=...))")
     asked = {"top_k": top_k, "top_p": top_p, "label": label, "height": height, "width": width, "tile": tile,
              "max_memory": max_memory, "tile_mode": tile_mode}
     allowed = kinds.get(m.info.kind).sample_options
@@ -124,6 +128,10 @@ def decode(model, device, threads, precision, latents, out, batch_size, scaled, 
     if key is None:
         raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
     if video.is_video_model(m):
+        tiling = {"--tile": tile, "--max-memory": max_memory, "--tile-mode": tile_mode}
+        if any(v is not None for v in tiling.values()):
+            raise InputError(f"{', '.join(k for k, v in tiling.items() if v is not None)}: tiling applies to spatial "
+                             f"VAEs; {m.info.name} is a video-vae model, decoded as a stream in constant memory")
         return video.decode(m, arrays[key], out, batch_size, scaled, fps)
     options = _spatial_options(m, scaled=scaled, tile=tile, max_memory=max_memory, tile_mode=tile_mode)
     z = arrays[key]
