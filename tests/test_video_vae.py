@@ -151,6 +151,12 @@ def test_cli_decodes_to_gif_mp4_and_pngs_and_encodes_a_video(exported, tmp_path)
     assert r.exit_code == 0, r.output
     # the PNG frames are the decoded clip rounded to 8 bits: their latents are close to the mp4's
     assert np.load(tmp_path / "z3.npz")["mean"].shape == (1, 4, 3, 4, 4)
+    # flags that do not apply to a video model are refused, never ignored
+    r = runner.invoke(main, ["decode", "-m", str(path), str(tmp_path / "z.npy"), "--max-memory", "1GiB",
+                             "-o", str(tmp_path / "x.mp4")])
+    assert r.exit_code != 0 and "--max-memory: tiling applies to spatial VAEs" in r.output
+    r = runner.invoke(main, ["sample", "-m", str(path), "-o", str(tmp_path / "s.png")])
+    assert r.exit_code != 0 and "vaeinfer decode -m MODEL z.npy -o clip.mp4" in r.output
 
 
 def test_server_decodes_a_clip(exported):
