@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -207,18 +206,11 @@ def cache_dir() -> Path:
 
 def machine_key() -> dict:
     """The CPU model and the ISA flags that decide which path is fastest."""
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = " ".join(sorted(set(value.split())))
-    except OSError:
-        pass
-    return {"cpu": cpu, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": os.cpu_count()}
+    from vaeinfer.bench import cpu_model_and_flags
+
+    cpu, flags = cpu_model_and_flags()
+    return {"cpu": cpu, "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+            "cores": os.cpu_count()}
 
 
 def cache_key(role: str, graphs: dict[str, str], versions: dict[str, str], threads, max_error: float) -> str:

@@ -119,17 +119,7 @@ def machine() -> dict:
     """What the figures were measured on: CPU model, cores, ISA features, memory, versions, date."""
     import onnxruntime as ort
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    cpu, flags = cpu_model_and_flags()
     mem = _meminfo_gb()
     info = {
         "cpu": cpu,
@@ -147,6 +137,22 @@ def machine() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return info
+
+
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its ISA flags (from /proc/cpuinfo; platform's names elsewhere)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return cpu, flags
 
 
 def _meminfo_gb() -> float | None:

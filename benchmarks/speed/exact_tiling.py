@@ -29,9 +29,7 @@ from benchmarks.harness import memory
 from benchmarks.harness import report as results
 from benchmarks.harness.cli import description
 
-SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-          up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32, latent_channels=4,
-          sample_size=512, scaling_factor=0.18215)
+from benchmarks.speed.diffusers_models import SD_CONFIG as SD
 QUICK = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4,
              sample_size=64)

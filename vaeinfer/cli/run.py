@@ -19,6 +19,21 @@ from vaeinfer.errors import InputError
 from vaeinfer.op_params import SAMPLE, SCORE
 
 
+def _exact_tiling_options(verb: str):
+    """--max-memory and --tile-mode of a spatial VAE's `verb` ("decode" or "encode")."""
+
+    def decorate(f):
+        f = click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
+                         help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
+                              "overlapping tiles with blended seams, for any model; needs --tile).")(f)
+        return click.option("--max-memory", default=None, metavar="SIZE",
+                            help=f"Spatial VAE: {verb} exactly in tiles within this much memory (2GiB, 512MiB, bytes): "
+                                 "the result equals the untiled one; refused at once, naming the smallest budget, if it "
+                                 "cannot be met.")(f)
+
+    return decorate
+
+
 @main.command()
 @model_option
 @op_options(*SAMPLE.values())
@@ -28,12 +43,7 @@ from vaeinfer.op_params import SAMPLE, SCORE
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row of the PNG grid.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: decode in tiles of this many latent pixels (exact; see --tile-mode).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="Spatial VAE: decode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
-                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
-@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
-              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
-                   "overlapping tiles with blended seams, for any model; needs --tile).")
+@_exact_tiling_options("decode")
 def sample(model, device, threads, precision, n, seed, temperature, batch_size, top_k, top_p, label, out, nrow,
            height, width, tile, max_memory, tile_mode):
     """Generate images from a model's prior (default: the bundled mnist-vae)."""
@@ -71,12 +81,7 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
               "video VAE: (mean - latents_mean) / latents_std.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: encode in tiles of this many image pixels (exact; see --tile-mode).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="Spatial VAE: encode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
-                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
-@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
-              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
-                   "overlapping tiles with blended seams, for any model; needs --tile).")
+@_exact_tiling_options("encode")
 def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile, max_memory, tile_mode):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents; a video model: one
     clip (a video file, a folder of frames, or a .npy/.npz of N, 3, T, H, W) to .npy (means) or .npz."""
@@ -108,12 +113,7 @@ def encode(model, device, threads, precision, inputs, out, batch_size, scaled, t
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: decode in tiles of this many latent pixels (64 = 512 image pixels at 8x; exact, "
                    "see --tile-mode).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="Spatial VAE: decode exactly in tiles within this much memory (2GiB, 512MiB, bytes): the "
-                   "result equals the untiled one; refused at once, naming the smallest budget, if it cannot be met.")
-@click.option("--tile-mode", type=click.Choice(["exact", "blend"]), default=None,
-              help="Spatial VAE: exact (default: whole-image GroupNorm and attention) or blend (approximate "
-                   "overlapping tiles with blended seams, for any model; needs --tile).")
+@_exact_tiling_options("decode")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
               help="Video model: frames per second of the video written.")
 def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile, max_memory, tile_mode, fps):
