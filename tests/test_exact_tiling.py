@@ -102,6 +102,8 @@ def test_budget_spills_to_disk_and_stays_exact(model):
     assert f"max_memory={smallest}" in str(info.value) and "smallest budget that works" in str(info.value)
     tight = model.exact_plan(z.shape, max_memory=smallest)
     assert tight.disk and tight.peak <= smallest and max(s.tiles for s in tight.steps) > 1
+    steps = model.manifest.exact_tiling["decoder"].steps
+    assert any(s.out in tight.disk and p.tile[1] < tight.sizes[s.out][3] for s, p in zip(steps, tight.steps))  # bands
     fresh = vaeinfer.load(model.bundle.path, device="cpu")  # stage graphs not loaded yet: they count
     streamed = fresh.exact_plan(z.shape, max_memory="16MiB")
     assert streamed.stream and streamed.resident < fresh._stage_resident("decoder")  # loaded step by step
@@ -113,6 +115,27 @@ def test_budget_spills_to_disk_and_stays_exact(model):
         model.encode(x, max_memory=100)
     e = model.encode(x, max_memory=info.value.smallest)
     assert np.abs(e.mean - model.encode(x).mean).max() <= TOL
+
+
+def test_spill_file_gathers_narrow_tiles_in_bands(tmp_path):
+    a = np.random.default_rng(0).standard_normal((2, 3, 7, 10)).astype(np.float32)
+    disk = et._Disk(a.shape, tmp_path)
+    try:
+        for n in range(2):
+            for y0, y1 in ((0, 4), (4, 7)):
+                for x0, x1 in ((0, 3), (3, 8), (8, 10)):
+                    disk.write(n, y0, x0, a[n, :, y0:y1, x0:x1])
+                    assert (disk.band is None) == (x1 == 10)  # a band goes to the file once complete
+        np.testing.assert_array_equal(disk.read(1, 0, 7, 0, 10), a[1])
+        np.testing.assert_array_equal(disk.read(0, 2, 6, 1, 9, 1, 3), a[0, 1:3, 2:6, 1:9])
+        disk.write(0, 0, 0, a[0, :, 0:2, 0:5])
+        with pytest.raises(RuntimeError, match="before the band"):
+            disk.write(0, 2, 5, a[0, :, 2:4, 5:10])
+        with pytest.raises(RuntimeError, match="before its band"):
+            disk.read(0, 0, 2, 0, 10)
+    finally:
+        disk.close()
+    assert not list(tmp_path.iterdir())
 
 
 def test_bundle_without_stages_says_so(bundles, tmp_path):

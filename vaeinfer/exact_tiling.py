@@ -33,6 +33,8 @@ import re
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -272,6 +274,17 @@ def _parse_step(s, w: str, channels: dict) -> Step:
 
 # --- activations: in memory or in a file -------------------------------------------------------
 
+def _by_channels(pool: ThreadPoolExecutor | None, fn, c0: int, c1: int) -> list:
+    """fn(a, b) over channel ranges splitting [c0, c1) between the pool's threads (the copies to
+    and from spill files and the statistics are per channel: the same values however split; numpy
+    and the syscalls release the GIL), in order."""
+    parts = pool._max_workers if pool is not None else 1
+    if parts <= 1 or c1 - c0 < 2 * parts:
+        return [fn(c0, c1)]
+    step = -(-(c1 - c0) // parts)
+    return list(pool.map(lambda a: fn(a, min(c1, a + step)), range(c0, c1, step)))
+
+
 class _Memory:
     def __init__(self, shape, array=None):
         self.a = np.empty(shape, np.float32) if array is None else array
@@ -289,11 +302,17 @@ class _Memory:
 
 class _Disk:
     """An (N, C, H, W) float32 array in a file, read and written by region with pread/pwrite
-    (through the page cache, never mapped into the process)."""
+    (through the page cache, never mapped into the process).
 
-    def __init__(self, shape, folder):
-        self.shape = tuple(shape)
+    A tile narrower than the image is not written row by row (one syscall per channel and row:
+    millions for a large image): the tiles of a band of rows are gathered in a (C, rows, W)
+    buffer, written a channel at a time once the band is complete (the planner counts the
+    buffer in the step's working memory, `_conv_work(..., spill_width=)`)."""
+
+    def __init__(self, shape, folder, pool: ThreadPoolExecutor | None = None):
+        self.shape, self.pool = tuple(shape), pool
         self.fd, self.path = tempfile.mkstemp(suffix=".f32", dir=folder)
+        self.band = None  # (n, y0, buffer (C, rows, W), columns written)
         os.ftruncate(self.fd, 4 * math.prod(self.shape))
 
     def _offset(self, n, c, y, x):
@@ -301,28 +320,46 @@ class _Disk:
         return 4 * (((n * C + c) * H + y) * W + x)
 
     def read(self, n, y0, y1, x0, x1, c0=0, c1=None):
+        if self.band is not None:
+            raise RuntimeError("exact tiling: a spill file read before its band of tiles was complete")
         C, W = self.shape[1], self.shape[3]
         c1 = C if c1 is None else c1
         out = np.empty((c1 - c0, y1 - y0, x1 - x0), np.float32)
-        for c in range(c0, c1):
-            if x0 == 0 and x1 == W:
-                _pread(self.fd, out[c - c0], self._offset(n, c, y0, 0))
-            else:
-                for r in range(y1 - y0):
-                    _pread(self.fd, out[c - c0, r], self._offset(n, c, y0 + r, x0))
+
+        def read(a, b):
+            for c in range(a, b):
+                if x0 == 0 and x1 == W:
+                    _pread(self.fd, out[c - c0], self._offset(n, c, y0, 0))
+                else:
+                    for r in range(y1 - y0):
+                        _pread(self.fd, out[c - c0, r], self._offset(n, c, y0 + r, x0))
+        _by_channels(self.pool, read, c0, c1)
         return out
 
     def write(self, n, y0, x0, block):
         C, h, w = block.shape
         W = self.shape[3]
-        for c in range(C):
-            if x0 == 0 and w == W:
+        if x0 == 0 and w == W:
+            return self._write_rows(n, y0, block)
+        if self.band is None:
+            self.band = (n, y0, np.empty((C, h, W), np.float32), 0)
+        bn, by0, buf, filled = self.band
+        if (bn, by0, buf.shape[1]) != (n, y0, h):
+            raise RuntimeError(f"exact tiling: tile at row {y0} written before the band at row {by0} was complete")
+        buf[:, :, x0:x0 + w] = block
+        self.band = (bn, by0, buf, filled + w)
+        if filled + w == W:
+            self.band = None
+            self._write_rows(n, y0, buf)
+
+    def _write_rows(self, n, y0, block):
+        def write(a, b):
+            for c in range(a, b):
                 _pwrite(self.fd, np.ascontiguousarray(block[c]), self._offset(n, c, y0, 0))
-            else:
-                for r in range(h):
-                    _pwrite(self.fd, np.ascontiguousarray(block[c, r]), self._offset(n, c, y0 + r, x0))
+        _by_channels(self.pool, write, 0, block.shape[0])
 
     def close(self):
+        self.band = None
         if self.fd is not None:
             os.close(self.fd)
             os.unlink(self.path)
@@ -351,7 +388,8 @@ def _pwrite(fd, block: np.ndarray, offset: int) -> None:
 class _Stats:
     """Per-(image, channel) count, mean and M2 in float64, combined over tiles (Chan et al.)."""
 
-    def __init__(self, n: int, c: int):
+    def __init__(self, n: int, c: int, pool: ThreadPoolExecutor | None = None):
+        self.pool = pool
         self.count = np.zeros((n, c))
         self.mean = np.zeros((n, c))
         self.m2 = np.zeros((n, c))
@@ -360,12 +398,17 @@ class _Stats:
         cnt = block.shape[1] * block.shape[2]
         if cnt == 0:
             return
-        # rows summed in float32 (numpy's pairwise summation along the contiguous axis: error
-        # ~eps log2(width)), rows and tiles combined in float64: as exact as a float64 sum, 3x faster
-        mean = block.sum(axis=2).sum(axis=1, dtype=np.float64) / cnt
-        d = block - mean.astype(np.float32)[:, None, None]
-        np.square(d, out=d)
-        m2 = d.sum(axis=2).sum(axis=1, dtype=np.float64)
+
+        def moments(a, b):
+            # rows summed in float32 (numpy's pairwise summation along the contiguous axis: error
+            # ~eps log2(width)), rows and tiles combined in float64: as exact as a float64 sum, 3x faster
+            part = block[a:b]
+            mean = part.sum(axis=2).sum(axis=1, dtype=np.float64) / cnt
+            d = part - mean.astype(np.float32)[:, None, None]
+            np.square(d, out=d)
+            return mean, d.sum(axis=2).sum(axis=1, dtype=np.float64)
+        parts = _by_channels(self.pool, moments, 0, block.shape[0])
+        mean, m2 = (np.concatenate(v) for v in zip(*parts))
         n_a = self.count[i]
         total = n_a + cnt
         delta = mean - self.mean[i]
@@ -437,7 +480,9 @@ def _sizes(direction: Direction, shape) -> dict:
     return sizes
 
 
-def _conv_work(step: Step, rows: int, cols: int) -> int:
+def _conv_work(step: Step, rows: int, cols: int, spill_width: int | None = None) -> int:
+    """Bytes of one (rows, cols) output tile's working memory; spill_width: the output goes to a
+    spill file this wide, where tiles narrower than it are gathered in a band (`_Disk`)."""
     f = step.factor
     in_r, in_c = math.ceil(rows / f) + 2 * step.halo, math.ceil(cols / f) + 2 * step.halo
     a_in, a_out = in_r * in_c, int(in_r * in_c * f * f)
@@ -445,7 +490,8 @@ def _conv_work(step: Step, rows: int, cols: int) -> int:
     work = 4 * ((step.in_channels + step.skip_channels) * a_in * WORK_IN + step.out_channels * a_out * out_factor)
     # onnxruntime's 3x3 convolutions expand their input 9-fold (im2col) over the output's area
     im2col = 4 * IM2COL * max(step.in_channels, step.out_channels) * a_out
-    return int((work + im2col) * ARENA)
+    band = 4 * step.out_channels * rows * spill_width if spill_width and cols < spill_width else 0
+    return int((work + im2col) * ARENA) + band
 
 
 def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool) -> int:
@@ -456,7 +502,7 @@ def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_residen
 
 
 def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None,
-               min_side: int = MIN_TILE) -> tuple[int, int] | None:
+               min_side: int = MIN_TILE, spill_width: int | None = None) -> tuple[int, int] | None:
     """The output tile (rows, cols) of a conv step: the user's, or the largest that fits `avail`
     (full-width strips when they are tall enough, else squares), or None when none fits."""
     align = ALIGN[step.resample]
@@ -476,11 +522,11 @@ def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None,
             lo, hi = (mid, hi) if fits(mid * align) else (lo, mid - 1)
         return lo * align
 
-    rows = largest(lambda r: _conv_work(step, r, ow) <= avail, oh)
+    rows = largest(lambda r: _conv_work(step, r, ow, spill_width) <= avail, oh)
     if rows >= min(oh, MIN_STRIP) and rows * ow >= min(oh * ow, min_side * min_side):
         k = -(-oh // rows)  # even out the strips
         return min(oh, up(-(-oh // k))), ow
-    side = largest(lambda t: _conv_work(step, t, t) <= avail, min(oh, ow))
+    side = largest(lambda t: _conv_work(step, t, t, spill_width) <= avail, min(oh, ow))
     if side < min(min_side, oh, ow):
         return None
     return min(oh, side), min(ow, side)
@@ -540,10 +586,11 @@ def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
             f = sizes[s.out][2] / shape[2]
             user = (max(1, int(tile[0] * f)), max(1, int(tile[1] * f)))
         good = max(MIN_TILE, int(GOOD_TILE * min(Fraction(1), s.factor)))  # in output pixels
-        t = _conv_tile(s, oh, ow, avail, user, MIN_TILE if i in relaxed else good)
+        spill = ow if s.out in disk else None
+        t = _conv_tile(s, oh, ow, avail, user, MIN_TILE if i in relaxed else good, spill)
         if t is None:
             return None
-        return StepPlan(t, -(-oh // t[0]) * -(-ow // t[1]), _conv_work(s, *t))
+        return StepPlan(t, -(-oh // t[0]) * -(-ow // t[1]), _conv_work(s, *t, spill))
 
     def smallest():
         need = 0
@@ -556,7 +603,7 @@ def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
             else:
                 a = ALIGN[s.resample]
                 side = -(-MIN_TILE // a) * a
-                need = max(need, _conv_work(s, min(oh, side), min(ow, side)))
+                need = max(need, _conv_work(s, min(oh, side), min(ow, side), None if s.out == final else ow))
         return resident + OVERHEAD + need
 
     disk: set = set()
@@ -605,11 +652,19 @@ def _input_range(o0: int, o1: int, length_in: int, f: Fraction, halo: int) -> tu
 
 
 
-def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None, spill_dir=None) -> list[np.ndarray]:
+def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None, spill_dir=None,
+        threads: int | None = None) -> list[np.ndarray]:
     """Run the plan `p` on `array` (the direction's input, (N, C, H, W) float32). `runner(graph)`
     returns the callable running that stage graph: (feeds {name: array}, last: bool) -> [y]
-    (last: the stage's last tile, after which its working memory may be given back). Returns the
-    direction's outputs (channel slices of the last step's output)."""
+    (last: the stage's last tile, after which its working memory may be given back). `threads`
+    (default: the CPU count, at most 8) share the statistics and the spill files' copies between
+    the graph runs. Returns the direction's outputs (channel slices of the last step's output)."""
+    workers = max(1, threads or min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="vaeinfer-exact") if workers > 1 else nullcontext() as pool:
+        return _run(direction, p, array, runner, progress, spill_dir, pool)
+
+
+def _run(direction, p, array, runner, progress, spill_dir, pool) -> list[np.ndarray]:
     if p.budget is not None and sys.platform.startswith("linux"):
         host_memory.bounded_malloc()
     steps = direction.steps
@@ -627,11 +682,11 @@ def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None,
             elif s.out in p.disk:
                 if folder is None:
                     folder = tempfile.mkdtemp(prefix="vaeinfer-exact-", dir=spill_dir)
-                dst = _Disk(shape, folder)
+                dst = _Disk(shape, folder, pool)
             else:
                 dst = _Memory(shape)
             stores[s.out] = dst
-            acc = _Stats(shape[0], shape[1]) if s.out in stats_needed else None
+            acc = _Stats(shape[0], shape[1], pool) if s.out in stats_needed else None
             if s.type == "attention":
                 done = _attention(s, sp, stores[s.x], dst, acc, progress, done)
             else:

@@ -323,7 +323,7 @@ class SpatialVAE(Model):
                 return outs
             return run
 
-        outs = exact_tiling.run(d, p, a, runner, progress)
+        outs = exact_tiling.run(d, p, a, runner, progress, threads=self.info.threads)
         for (name, _), o in zip(d.outputs, outs):
             check_finite(o, f"{self.manifest.name}/{role} output {name} (exact tiling)")
         return outs
