@@ -75,6 +75,30 @@ def export(config: dict, out: Path, say) -> Path:
     return from_diffusers(src, out, sizes=((64, 64), (64, 96)), batches=(1,), progress=say)
 
 
+def cli_rows(bundle: str, size: int, budget: str, threads: int, tmp: Path, say) -> list[dict]:
+    """`vaeinfer decode -m BUNDLE z.npy --max-memory BUDGET -o out.png` in a fresh process at `size`
+    and at the smallest latent (8x8): wall time and peak RSS of each."""
+    import numpy as np
+
+    rows = []
+    for side in (64, size):
+        z = tmp / f"z{side}.npy"
+        np.save(z, np.random.default_rng(0).standard_normal((1, 4, side // 8, side // 8)).astype(np.float32))
+        args = ["decode", "-m", bundle, str(z), "--max-memory", budget, "-o", str(tmp / f"cli{side}.png")]
+        run = memory.fresh_process("vaeinfer.cli", args + (["--threads", str(threads)] if threads else []))
+        row = {"size": side, "mode": f"CLI decode --max-memory {budget} -> PNG"}
+        if run["returncode"] != 0:
+            row["error"] = run["stderr"].strip().splitlines()[-1:]
+        else:
+            row.update(seconds=run["wall_s"], seconds_per_mpx=run["wall_s"] / (side * side / 1e6),
+                       cli_peak_rss_mib=run["peak_rss_mib"])
+        rows.append(row)
+        say(json.dumps(row))
+    if all("error" not in r for r in rows):
+        rows[-1]["peak_over_load_mib"] = rows[-1]["cli_peak_rss_mib"] - rows[0]["cli_peak_rss_mib"]
+    return rows
+
+
 def main(argv=None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -89,6 +113,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--max-memory", default=None, help="the budget of the exact runs (default 1GiB; --quick 48MiB)")
     ap.add_argument("--untiled-up-to", type=int, default=None, help="also run untiled up to this size (default 1024)")
     ap.add_argument("--threads", type=int, default=0, help="0: onnxruntime's default")
+    ap.add_argument("--cli-size", type=int, default=None,
+                    help="also decode this size with `vaeinfer decode --max-memory` to a PNG (its peak RSS beside "
+                         "the same command's on the smallest latent: the CLI's own loading)")
     ap.add_argument("--out", metavar="STEM", help="write benchmarks/results/STEM.json and STEM.md")
     args = ap.parse_args(argv)
     sizes = args.sizes or ([128, 256] if args.quick else [1024, 2048, 4096])
@@ -129,6 +156,8 @@ def main(argv=None) -> dict | None:
                 rows[-1].update(max_abs_vs_untiled=err, time_vs_untiled=rows[-1]["seconds"] / untiled["seconds"])
             for p in outs.values():
                 os.unlink(p)
+        if args.cli_size:
+            rows += cli_rows(bundle, args.cli_size, budget, args.threads, Path(tmp), say)
     report = {**results.provenance(__spec__.name, argv), "model": "AutoencoderKL " + ("quick config" if args.quick
                                                                                      else "SD config, random weights"),
               "max_memory": budget, "threads": args.threads or None, "rows": rows}
@@ -138,6 +167,12 @@ def main(argv=None) -> dict | None:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['mode']} | error: {r['error']} | | | | | | |")
+            continue
+        if "cli_peak_rss_mib" in r:
+            over = f"{r['peak_over_load_mib']:.0f} (peak {r['cli_peak_rss_mib']:.0f})" if "peak_over_load_mib" in r \
+                else f"(peak {r['cli_peak_rss_mib']:.0f}: the CLI's loading)"
+            lines.append(f"| {r['size']}x{r['size']} | {r['mode']} | {r['seconds']:.1f} | {r['seconds_per_mpx']:.1f} | "
+                         f"{over} | | | | |")
             continue
         est = f"{r['estimate_mib']:.0f}" if r.get("estimate_mib") else ""
         err = f"{r['max_abs_vs_untiled']:.2e}" if "max_abs_vs_untiled" in r else ""
