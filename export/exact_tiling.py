@@ -10,8 +10,9 @@ module made of the model's own submodules (so its weights and operators are the 
 
 A ResnetBlock2D is two stages: A = conv1(act(norm1(x))), B = (shortcut(x) + conv2(act(norm2(h)))) /
 output_scale_factor [then the block's up/downsampler]. The attention is three: the q/k/v
-projections after its GroupNorm (per pixel), the softmax over all pixels (run by the runtime, no
-graph), and the output projection plus residual (per pixel). Each stage graph takes its GroupNorm's
+projections after its GroupNorm (per pixel), the softmax over all pixels (a weightless graph the
+runtime runs per chunk of queries and keys, `vaeinfer.exact_tiling.attention_spec`), and the
+output projection plus residual (per pixel). Each stage graph takes its GroupNorm's
 statistics (per channel mean and 1/std) as inputs; its halo is the receptive radius of its
 convolutions measured at its input resolution. Anything else (another normalisation, a temb,
 spatial norm, cross attention, other kernels or paddings) is refused with the reason: the model
@@ -34,6 +35,7 @@ from torch.export import Dim
 from vaeinfer import exact_tiling as et
 from vaeinfer.export.graphs import IR_VERSION, OPSET, ExportError, _check_io, _name_axes, strip_unused_initializers, trace
 from vaeinfer.export.validate import check_structure
+from vaeinfer.spec import BATCH
 from vaeinfer.export.writer import sha256
 
 TOLERANCE = 1e-3  # max abs error of the tiled plan against the untiled module (fp32, outputs ~[-1, 1])
@@ -152,6 +154,20 @@ class _AttnOut(nn.Module):
         return y / self.rescale
 
 
+class _AttentionChunk(nn.Module):
+    """q (heads, d, queries), k and v (heads, d, keys) -> (o, m, l): see `et.attention_spec`."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q.transpose(1, 2) * self.scale, k)
+        m = s.amax(dim=-1)
+        e = torch.exp(s - m[..., None])
+        return torch.matmul(v, e.transpose(1, 2)), m, e.sum(dim=-1)
+
+
 class _Out(nn.Module):
     def __init__(self, coder, quant=None, split: int | None = None):
         super().__init__()
@@ -191,8 +207,10 @@ class _Plan:
 
     def attention(self, out_ch, heads, scale):
         i = len(self.steps)
-        out = f"{self.prefix[0]}{i}"
-        self.steps.append(et.Step("attention", self.cur, self.ch, out, out_ch, heads=heads, scale=scale))
+        graph, out = f"exact_{self.prefix}_{i:02d}", f"{self.prefix[0]}{i}"
+        self.steps.append(et.Step("attention", self.cur, self.ch, out, out_ch, graph=graph, file=f"{graph}.onnx",
+                                  sha256="0" * 64, heads=heads, scale=scale))
+        self.modules[graph] = _AttentionChunk(scale).eval()
         self.cur, self.ch = out, out_ch
 
     def resnet(self, r, tail=None, tail_ops=(), resample="none"):
@@ -316,27 +334,34 @@ def _trace_stage(module, step: et.Step) -> bytes:
     exporter otherwise. Either way the graph is validated below, in the plan, against the module."""
     spec = et.stage_spec(step)
     unit = 2 if step.resample == "down" else 1  # "down" stages take even sizes
-    model = _trace_legacy(module, spec, unit)
+    sizes = {"height": 6 * unit, "width": 8 * unit, "queries": 6, "keys": 10}
+    model = _trace_legacy(module, spec, sizes)
     if model is None:
-        h, w = Dim(f"{step.graph}_h", min=2, max=8192), Dim(f"{step.graph}_w", min=2, max=8192)
-        dims = {"height": unit * h, "width": unit * w} if unit > 1 else {"height": h, "width": w}
+        if step.type == "attention":
+            dims = {a: Dim(f"{step.graph}_{a}", min=1, max=1 << 26) for a in ("queries", "keys")}
+        else:
+            h, w = Dim(f"{step.graph}_h", min=2, max=8192), Dim(f"{step.graph}_w", min=2, max=8192)
+            dims = {"height": unit * h, "width": unit * w} if unit > 1 else {"height": h, "width": w}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on axis names
-            model = trace(module, spec, dims=dims, sizes={"height": 6 * unit, "width": 8 * unit})
+            model = trace(module, spec, dims=dims, sizes=sizes)
     strip_unused_initializers(model)
     check_structure(model, spec.role)
     return model.SerializeToString()
 
 
-def _trace_legacy(module, spec, unit: int):
-    """The TorchScript exporter's graph with the spec's names and dynamic axes, or None when this
-    torch has no such exporter."""
+def _trace_legacy(module, spec, sizes: dict):
+    """The TorchScript exporter's graph with the spec's names and dynamic axes (traced at `sizes`
+    of them), or None when this torch has no such exporter."""
     import io
 
     import onnx
 
-    args = tuple(torch.randn(2, t.shape[1], 6 * unit, 8 * unit) if len(t.shape) == 4 else torch.rand(2, t.shape[1]) + 0.5
-                 for t in spec.inputs)
+    def example(t):
+        shape = [2 if d == BATCH else sizes.get(d, d) for d in t.shape]
+        return torch.rand(*shape) + 0.5 if t.name in ("mean", "rstd") else torch.randn(*shape)
+
+    args = tuple(example(t) for t in spec.inputs)
     axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)}
     buf = io.BytesIO()
     try:
@@ -367,14 +392,12 @@ def export_exact_tiling(vae, downsample: int, progress=None, sizes=((48, 80), (6
     files, slot, validation = {}, {}, {}
     plans = {"decoder": decoder_plan(vae), "encoder": encoder_plan(vae)}
     for direction, p in plans.items():
-        say(f"exact tiling: tracing {sum(s.type == 'conv' for s in p.steps)} {direction} stage graphs")
+        say(f"exact tiling: tracing {len(p.steps)} {direction} stage graphs")
         steps = []
         for s in p.steps:
-            if s.type == "conv":
-                data = _trace_stage(p.modules[s.graph], s)
-                files[s.file] = data
-                s = et.Step(**{**s.__dict__, "sha256": sha256(data)})
-            steps.append(s)
+            data = _trace_stage(p.modules[s.graph], s)
+            files[s.file] = data
+            steps.append(et.Step(**{**s.__dict__, "sha256": sha256(data)}))
         outputs = [["params", steps[-1].out_channels]] if direction == "decoder" else \
             [["mean", steps[-1].out_channels // 2], ["logvar", steps[-1].out_channels // 2]]
         slot[direction] = {"input": p.input[0], "input_channels": p.input[1], "outputs": outputs,

@@ -15,8 +15,10 @@ after the other over the whole image:
   every output pixel is computed from the same values as in the untiled graph;
 - the GroupNorm statistics of an activation are accumulated from the cropped tiles as they are
   written (per channel count, mean and M2 in float64, combined by Chan's formula, then per group);
-- the mid-block attention runs here, over the whole latent: softmax(Q K^T / sqrt(d)) V in float32,
-  chunked over queries, with an online softmax over key chunks when K and V do not fit the budget.
+- the mid-block attention runs over the whole latent: softmax(Q K^T / sqrt(d)) V in float32, by a
+  weightless attention graph (one chunk of queries against one chunk of keys: the unnormalised
+  output, the row maxima and sums), chunked over queries, with an online softmax (the chunks'
+  results combined here) over key chunks when K and V do not fit the budget.
 
 Full-image activations stay in memory while the budget holds them and go to files in a temporary
 folder otherwise (read and written with pread/pwrite, never mapped, so they do not count in the
@@ -113,7 +115,8 @@ def human(n: float) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """One step of a direction's plan: a stage graph ("conv") or the attention ("attention")."""
+    """One step of a direction's plan: a stage graph ("conv") or the attention ("attention", whose
+    graph computes one chunk of it: `attention_spec`)."""
 
     type: str
     x: str
@@ -150,11 +153,13 @@ class Direction:
         return math.prod((s.factor for s in self.steps), start=Fraction(1))
 
     def graphs(self) -> dict[str, Step]:
-        return {s.graph: s for s in self.steps if s.type == "conv"}
+        return {s.graph: s for s in self.steps}
 
 
 def stage_spec(step: Step) -> GraphSpec:
-    """The input/output spec of a stage graph (shared by export and runtime)."""
+    """The input/output spec of a step's graph (shared by export and runtime)."""
+    if step.type == "attention":
+        return attention_spec(step)
     hw = ("height", "width")
     ins = [TensorSpec("x", "float32", (BATCH, step.in_channels, *hw))]
     if step.skip:
@@ -166,11 +171,24 @@ def stage_spec(step: Step) -> GraphSpec:
     return GraphSpec(step.graph, tuple(ins), outs, batch_buckets=False, variants=False)
 
 
+def attention_spec(step: Step) -> GraphSpec:
+    """The attention graph: q (heads, head_dim, queries), k and v (heads, head_dim, keys), channel
+    first as the activations store them -> o = V softmax'(Q^T K * scale)^T (heads, head_dim,
+    queries), unnormalised: exp(scores - m), with m and l the rows' maxima and sums (heads,
+    queries); o / l is the attention over these keys, and chunks of keys combine exactly."""
+    d = step.out_channels // step.heads
+    return GraphSpec(step.graph, (TensorSpec("q", "float32", (BATCH, d, "queries")),
+                                  TensorSpec("k", "float32", (BATCH, d, "keys")),
+                                  TensorSpec("v", "float32", (BATCH, d, "keys"))),
+                     (TensorSpec("o", "float32", (BATCH, d, "queries")), TensorSpec("m", "float32", (BATCH, "queries")),
+                      TensorSpec("l", "float32", (BATCH, "queries"))), batch_buckets=False, variants=False)
+
+
 def step_json(step: Step) -> dict:
     out = {"type": step.type, "x": step.x, "in_channels": step.in_channels, "out": step.out,
-           "out_channels": step.out_channels}
+           "out_channels": step.out_channels, "graph": step.graph, "file": step.file, "sha256": step.sha256}
     if step.type == "conv":
-        out.update(graph=step.graph, file=step.file, sha256=step.sha256, skip=step.skip,
+        out.update(skip=step.skip,
                    skip_channels=step.skip_channels, norm=None if step.norm is None else
                    {"groups": step.norm[0], "eps": step.norm[1]}, resample=step.resample, halo=step.halo)
     else:
@@ -241,10 +259,15 @@ def _parse_step(s, w: str, channels: dict) -> Step:
         if cin != 3 * cout or cout % heads or not (0 < scale < 1e6):
             raise BundleError(f"manifest: {w}: attention takes q, k, v (3 x {cout} channels, {heads} heads) "
                               f"and a positive scale; got {cin} channels, scale {scale!r}")
-        return Step("attention", x, cin, out, cout, heads=heads, scale=float(scale))
+    if "graph" not in s:
+        raise BundleError(f"manifest: {w} has no graph (a bundle exported by an earlier vaeinfer, whose "
+                          "attention ran outside the graphs): re-export it (vaeinfer export --from-diffusers DIR)")
     graph, file, digest = (_get(s, k, str, w) for k in ("graph", "file", "sha256"))
     if not _GRAPH_FILE.match(file) or not _SHA256.match(digest):
         raise BundleError(f"manifest: expected {w}.file a plain '<name>.onnx' and sha256 64 hex digits")
+    if kind == "attention":
+        return Step("attention", x, cin, out, cout, graph=graph, file=file, sha256=digest, heads=heads,
+                    scale=float(scale))
     skip = s.get("skip")
     skip_channels = 0
     if skip is not None:
@@ -494,11 +517,14 @@ def _conv_work(step: Step, rows: int, cols: int, spill_width: int | None = None)
     return int((work + im2col) * ARENA) + band
 
 
-def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool) -> int:
+def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool, height: int = 0) -> int:
+    """Bytes of one (query chunk, key chunk) of the attention: the graph's scores, their
+    exponentials and its arena; q, its output and the running combination; a chunk of k and v
+    read from disk or copied from memory (none when all keys are in one resident chunk)."""
     c = step.out_channels
     lq, lk = q_rows * width, k_rows * width
-    kv = 0 if kv_resident else 3 * c * lk  # a chunk of k and v read from disk, and v transposed
-    return 4 * (c * lq * 6 + step.heads * lq * lk * 2 + kv)  # q read with k, v; scaled q; sums; output
+    kv = 0 if kv_resident and k_rows >= height else 3 * c * lk
+    return 4 * (c * lq * 6 + kv) + int(4 * step.heads * lq * lk * 2 * ARENA)
 
 
 def _conv_tile(step: Step, oh: int, ow: int, avail: int | None, tile=None,
@@ -544,7 +570,7 @@ def _attention_chunks(step, h, w, avail, kv_resident, good: bool = False) -> tup
     for q_rows, k_rows in pairs:
         if good and (q_rows * w < min(h * w, GOOD_QUERIES) or k_rows * w < min(h * w, GOOD_KEYS)):
             continue
-        if _attention_work(step, w, q_rows, k_rows, kv_resident) <= avail:
+        if _attention_work(step, w, q_rows, k_rows, kv_resident, h) <= avail:
             return q_rows, k_rows
     return None
 
@@ -580,7 +606,7 @@ def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
             chunks = _attention_chunks(s, oh, ow, avail, s.x not in disk, i not in relaxed)
             if chunks is None:
                 return None
-            return StepPlan(chunks, -(-oh // chunks[0]), _attention_work(s, ow, *chunks, s.x not in disk))
+            return StepPlan(chunks, -(-oh // chunks[0]), _attention_work(s, ow, *chunks, s.x not in disk, oh))
         user = None
         if tile is not None:
             f = sizes[s.out][2] / shape[2]
@@ -597,7 +623,7 @@ def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
         for i, s in enumerate(steps):
             _, _, oh, ow = sizes[s.out]
             if s.type == "attention":
-                need = max(need, _attention_work(s, ow, 1, 1, False))
+                need = max(need, _attention_work(s, ow, 1, 1, False, oh))
             elif tile is not None:
                 need = max(need, step_tiles(i, None, frozenset(stored)).work)
             else:
@@ -688,7 +714,7 @@ def _run(direction, p, array, runner, progress, spill_dir, pool) -> list[np.ndar
             stores[s.out] = dst
             acc = _Stats(shape[0], shape[1], pool) if s.out in stats_needed else None
             if s.type == "attention":
-                done = _attention(s, sp, stores[s.x], dst, acc, progress, done)
+                done = _attention(s, sp, stores[s.x], dst, acc, runner(s.graph), progress, done)
             else:
                 done = _conv(s, sp, stores, dst, acc, stats, runner(s.graph), progress, done)
             if acc is not None:
@@ -750,41 +776,37 @@ def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, d
     return done
 
 
-def _attention(s: Step, sp: StepPlan, src, dst, acc, progress, done) -> int:
-    """softmax(Q K^T * scale) V over all pixels of each image, Q/K/V the thirds of `src`'s channels."""
+def _attention(s: Step, sp: StepPlan, src, dst, acc, run_graph, progress, done) -> int:
+    """softmax(Q^T K * scale) V^T over all pixels of each image, Q/K/V the thirds of `src`'s
+    channels: the attention graph per (query chunk, key chunk), key chunks combined by their row
+    maxima (an online softmax, as flash attention does)."""
     n_img, _, h, w = src.shape
     c, heads = s.out_channels, s.heads
     d = c // heads
     q_rows, k_rows = sp.tile
-    scale = np.float32(s.scale)
+    key_chunks = _axis_tiles(h, k_rows)
     for n in range(n_img):
-        whole = src.read(n, 0, h, 0, w, c, 3 * c) if k_rows >= h else None
-        for qy in range(0, h, q_rows):
-            qe = min(h, qy + q_rows)
-            lq = (qe - qy) * w
-            q = src.read(n, qy, qe, 0, w, 0, c).reshape(heads, d, lq).transpose(0, 2, 1) * scale
-            m = np.full((heads, lq, 1), -np.inf, np.float32)
-            total = np.zeros((heads, lq, 1), np.float32)
-            acc_o = np.zeros((heads, lq, d), np.float32)
-            for ky in range(0, h, k_rows):
-                ke = min(h, ky + k_rows)
+        whole = src.read(n, 0, h, 0, w, c, 3 * c) if len(key_chunks) == 1 else None
+        for qy, qe in _axis_tiles(h, q_rows):
+            q = np.ascontiguousarray(src.read(n, qy, qe, 0, w, 0, c)).reshape(heads, d, -1)
+            o = m = total = None
+            for ky, ke in key_chunks:
                 kv = whole if whole is not None else src.read(n, ky, ke, 0, w, c, 3 * c)
-                lk = (ke - ky) * w
-                k = kv[:c].reshape(heads, d, lk)
-                v = kv[c:].reshape(heads, d, lk)
-                scores = np.matmul(q, k)
-                m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
-                np.subtract(scores, m_new, out=scores)
-                np.exp(scores, out=scores)
-                corr = np.exp(m - m_new)
-                total = total * corr + scores.sum(axis=-1, keepdims=True)
-                acc_o = acc_o * corr + np.matmul(scores, v.transpose(0, 2, 1))
-                m = m_new
-                del scores, kv
-            block = (acc_o / total).transpose(0, 2, 1).reshape(c, qe - qy, w)
+                last = n == n_img - 1 and qe == h and ke == h
+                o_c, m_c, l_c = run_graph({"q": q, "k": np.ascontiguousarray(kv[:c]).reshape(heads, d, -1),
+                                           "v": np.ascontiguousarray(kv[c:]).reshape(heads, d, -1)}, last)
+                del kv
+                if o is None:
+                    o, m, total = o_c, m_c, l_c
+                    continue
+                m_new = np.maximum(m, m_c)
+                a, b = np.exp(m - m_new), np.exp(m_c - m_new)
+                o = o * a[:, None, :] + o_c * b[:, None, :]
+                total, m = total * a + l_c * b, m_new
+            block = (o / total[:, None, :]).reshape(c, qe - qy, w)
             dst.write(n, qy, 0, block)
             if acc is not None:
-                acc.add(n, np.ascontiguousarray(block))
+                acc.add(n, block)
             done += 1
             if progress is not None:
                 progress(done)
