@@ -155,17 +155,19 @@ class _AttnOut(nn.Module):
 
 
 class _AttentionChunk(nn.Module):
-    """q (heads, d, queries), k and v (heads, d, keys) -> (o, m, l): see `et.attention_spec`."""
+    """q (heads, d, queries), k and v (heads, d, keys) -> (o, m, l): see `et.attention_spec`. The
+    scores are laid out (keys, queries) so that no score-sized tensor is ever transposed: the
+    graph holds the scores and their exponentials, nothing more."""
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
 
     def forward(self, q, k, v):
-        s = torch.matmul(q.transpose(1, 2) * self.scale, k)
-        m = s.amax(dim=-1)
-        e = torch.exp(s - m[..., None])
-        return torch.matmul(v, e.transpose(1, 2)), m, e.sum(dim=-1)
+        s = torch.matmul(k.transpose(1, 2), q * self.scale)  # (heads, keys, queries)
+        m = s.amax(dim=1)
+        e = torch.exp(s - m[:, None, :])
+        return torch.matmul(v, e), m, e.sum(dim=1)
 
 
 class _Out(nn.Module):

@@ -55,12 +55,15 @@ RESAMPLES = {"none": Fraction(1), "up": Fraction(2), "down": Fraction(1, 2)}
 ALIGN = {"none": 1, "up": 2, "down": 1}
 # working memory of one tile beyond its input and output: float32 copies per input / output element
 # (the feeds, the normalised and activated input, the conv output, the residual sum, the crop and
-# the statistics' temporary). Calibrated against measured peaks (tests/test_exact_tiling.py).
+# the statistics' temporary). Calibrated against measured peaks (tests/test_exact_tiling.py on a
+# small model; SD's decoder at 1024^2 within 1 GiB, per step, against VmHWM: every step's peak
+# 10-60% below its estimate).
 WORK_IN, WORK_OUT, WORK_UP = 3, 4, 1
 # the stage graphs share one onnxruntime arena (fast: no page faults per run); tiles of varying
 # sizes fragment it: measured up to ~1.5x their working set
 ARENA = 1.5
 IM2COL = 9
+NCHWC = 16
 # what a run adds besides its activations and tiles: numpy's and onnxruntime's per-run buffers,
 # the statistics, Python objects (measured on the test model: 4-7 MiB; 10 counted)
 OVERHEAD = 10 << 20
@@ -509,10 +512,13 @@ def _conv_work(step: Step, rows: int, cols: int, spill_width: int | None = None)
     f = step.factor
     in_r, in_c = math.ceil(rows / f) + 2 * step.halo, math.ceil(cols / f) + 2 * step.halo
     a_in, a_out = in_r * in_c, int(in_r * in_c * f * f)
-    out_factor = WORK_OUT + (WORK_UP if step.resample == "up" else 0)
+    out_factor = WORK_OUT + (WORK_UP if step.resample == "up" else 0) + (1 if step.skip else 0)  # + the shortcut's
     work = 4 * ((step.in_channels + step.skip_channels) * a_in * WORK_IN + step.out_channels * a_out * out_factor)
-    # onnxruntime's 3x3 convolutions expand their input 9-fold (im2col) over the output's area
-    im2col = 4 * IM2COL * max(step.in_channels, step.out_channels) * a_out
+    # onnxruntime's 3x3 convolutions expand their input 9-fold (im2col) over the output's area,
+    # except where its blocked layout (NCHWc) runs them directly: channels in multiples of the
+    # SIMD block (16 floats on AVX-512, 8 on AVX2)
+    blocked = step.in_channels % NCHWC == 0 and step.out_channels % NCHWC == 0
+    im2col = 0 if blocked else 4 * IM2COL * max(step.in_channels, step.out_channels) * a_out
     band = 4 * step.out_channels * rows * spill_width if spill_width and cols < spill_width else 0
     return int((work + im2col) * ARENA) + band
 

@@ -59,6 +59,10 @@ def session_options(threads: int | None, arena: bool | str = True):
     if arena == "shared":
         _shared_arena(ort)
         opts.add_session_config_entry("session.use_env_allocators", "1")
+        # no memory pattern: from its second run a session would ask the arena for all its
+        # intermediates as one block, which the blocks its first run freed cannot serve (measured:
+        # the attention graph's 2 x 256 MiB grew the arena by another 512 MiB)
+        opts.enable_mem_pattern = False
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
