@@ -67,6 +67,52 @@ def test_bf16_runs_every_bundled_model_within_its_error(name):
     assert 0 < err < 0.02  # really bf16 (not fp32), and close
 
 
+def _nearest_exact_upsample_graph(c=4) -> bytes:
+    """conv 1x1, width x2 by a gather at int((arange(2w) + 0.5) * (w / 2w)) (as torch.onnx writes
+    a nearest-exact upsample: float maths on the input's shape), conv 1x1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), n) for n in ("w1", "w2")]
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("zero", 0.0), ("one", 1.0), ("two", 2.0), ("half", 0.5))] + \
+        [numpy_helper.from_array(np.array([3], np.int64), "axis")]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"]),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "axis"], ["w_1"]),
+             helper.make_node("Cast", ["w_1"], ["wf_1"], to=f32),
+             helper.make_node("Squeeze", ["wf_1"], ["w"]),
+             helper.make_node("Mul", ["w", "two"], ["out_w"]),
+             helper.make_node("Range", ["zero", "out_w", "one"], ["i"]),
+             helper.make_node("Add", ["i", "half"], ["centres"]),
+             helper.make_node("Div", ["w", "out_w"], ["scale"]),
+             helper.make_node("Mul", ["centres", "scale"], ["source"]),
+             helper.make_node("Cast", ["source"], ["index"], to=i64),
+             helper.make_node("Gather", ["y", "index"], ["up"], axis=3),
+             helper.make_node("Conv", ["up", "w2"], ["out"])]
+    graph = helper.make_graph(nodes, "nearest_exact_x2", [helper.make_tensor_value_info("x", f32, [1, c, "h", "w"])],
+                              [helper.make_tensor_value_info("out", f32, [1, c, "h", "w2"])], weights + consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@needs_bf16
+def test_bf16_keeps_index_arithmetic_f32():
+    """In bf16 (8 significant bits) the gather index (i + 0.5) * 0.5 of a nearest-exact upsample is
+    one too large for every odd column past 128 and out of bounds at the last (a 200 wide output
+    here: wrong pixels, and NaN/Inf where the read lands on garbage, as on a Wan decoder at
+    256x256). The backend keeps that shape maths f32 (and only that); the pixels stay bf16."""
+    graph = _nearest_exact_upsample_graph()
+    x = np.random.default_rng(1).standard_normal((1, 4, 3, 100)).astype(np.float32)
+    fp32 = ov_backend.OpenVINORunner(graph, threads=2, what="t", precision="fp32")
+    bf16 = ov_backend.OpenVINORunner(graph, threads=2, what="t", precision="bf16")
+    want, got = fp32.run(["out"], {"x": x})[0], bf16.run(["out"], {"x": x})[0]
+    assert want.shape == (1, 4, 3, 200) and np.isfinite(got).all()
+    err = np.abs(got - want) / np.abs(want).max()
+    assert 0 < err.mean() < 2e-3 and err.max() < 0.02  # bf16 rounding only: no column taken from a wrong pixel
+    assert fp32.kept_f32 == 0 and bf16.kept_f32 == 8  # Cast, Squeeze, Mul, Range, Add, Div, Mul, Cast
+
+
 def test_bf16_on_onnxruntime_is_an_error_naming_the_backend_that_has_it():
     with pytest.raises(BackendError, match="runs precisions.*not 'bf16'"):
         vaeinfer.load("mnist-vae", device="cpu", backend="cpu", precision="bf16")

@@ -204,3 +204,24 @@ def test_every_cpu_backend_and_precision_streams_a_clip(exported, tmp_path, monk
     got = auto.decode(z)
     assert float(np.abs(got - want).mean()) <= 0.01 * float(want.max() - want.min())
     assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)
+
+
+def test_bf16_decodes_frames_over_128_pixels(exported):
+    """Wan's upsamplers, exported as gathers at int((arange(2w) + 0.5) * 0.5) computed in float from
+    the input's shape, picked wrong or out-of-bounds pixels in OpenVINO bf16 once a frame side passed
+    128 (bf16 holds 8 significant bits): NaN/Inf (refused by the finite check) or columns copied
+    from the wrong place. The backend keeps that index arithmetic f32: bf16 rounding only, on
+    either axis."""
+    from vaeinfer.backends import openvino as ov
+
+    if "BF16" not in ov.capabilities():
+        pytest.skip("needs OpenVINO on a CPU with AMX or AVX-512 BF16 (OpenVINO's CPU plugin lists no BF16)")
+    module, path = exported["wan21"]
+    ref = vaeinfer.load(path, device="cpu")
+    bf = vaeinfer.load(path, device="cpu", precision="bf16")
+    for h, w in ((2, 34), (34, 2)):  # frames 8x136 and 136x8
+        z = _latents(module, 1, 2, h, w, seed=7)
+        want, got = ref.decode(z), bf.decode(z)
+        assert got.shape == (1, 3, 5, 4 * h, 4 * w)
+        err = np.abs(got - want) / float(want.max() - want.min())
+        assert 0 < err.mean() < 2e-3 and err.max() < 0.05, (h, w, err.mean(), err.max())

@@ -9,7 +9,10 @@ Precisions:
 - fp32: the fp32 graph with inference precision f32 (OpenVINO would otherwise default to bf16
   on such CPUs); outputs agree with onnxruntime's to float rounding.
 - bf16: the fp32 graph with inference precision bf16 (weights and activations rounded to bf16,
-  accumulation in fp32); only where the CPU plugin lists the "BF16" capability.
+  accumulation in fp32); only where the CPU plugin lists the "BF16" capability. Index arithmetic
+  stays f32 (`keep_index_arithmetic_f32`): float maths on shapes that ends in an integer (the
+  gather indices of an exported nearest upsample) picks wrong and out-of-bounds pixels in bf16
+  once an image side passes 128.
 - int8: the bundle's int8 (QDQ) graphs, which OpenVINO runs as int8 kernels.
 
 One compiled model serves many threads: each calling thread gets its own infer request (a
@@ -61,6 +64,104 @@ def version() -> str | None:
     return openvino.__version__
 
 
+# The OpenVINO runtime attribute that keeps a node in its original precision: the CPU plugin's bf16
+# mark-up (Graph::EnforceInferencePrecision) skips nodes whose "keep original precision" flag it set
+# from this attribute. Python can neither construct it nor store anything but str/int in rt_info, so
+# the attributes are made by reading an IR of nodes that carry them, and moved with Node.set_rt_info
+# (one per node: the attribute is mutable, so nodes do not share one). Newest first:
+# DisablePrecisionConversion (2026: "from:to,..", here any type to f16/bf16, which leaves the
+# plugin's own i64 -> i32 conversion alone), then the older DisableFP16Compression's names.
+_KEEP_ATTRIBUTES = ('<attribute name="DisablePrecisionConversion" version="0" value="dynamic:f16,bf16"/>',
+                    '<attribute name="precise" version="0"/>',
+                    '<attribute name="disable_fp16_compression" version="0"/>')
+_PORT = '<port id="{}" precision="FP32"><dim>1</dim></port>'
+_LAYER = ('<layer id="{i}" name="keep{i}" type="Relu" version="opset1"><rt_info>{attribute}</rt_info>'
+          '<input>' + _PORT.format(0) + '</input><output>' + _PORT.format(1) + '</output></layer>')
+
+
+def _make_keep_attributes(attribute: str, n: int) -> list:
+    """n fresh (rt_info key, value) of `attribute` (an IR rt_info element of _KEEP_ATTRIBUTES); []
+    if this OpenVINO does not know it."""
+    import openvino
+
+    layers = ['<layer id="0" name="x" type="Parameter" version="opset1"><data shape="1" element_type="f32"/>'
+              '<output>' + _PORT.format(0) + '</output></layer>']
+    layers += [_LAYER.format(i=i, attribute=attribute) for i in range(1, n + 1)]
+    layers.append(f'<layer id="{n + 1}" name="y" type="Result" version="opset1">'
+                  f'<input>{_PORT.format(0)}</input></layer>')
+    edges = [f'<edge from-layer="{i}" from-port="{0 if i == 0 else 1}" to-layer="{i + 1}" to-port="0"/>'
+             for i in range(n + 1)]
+    ir = (f'<?xml version="1.0"?><net name="keep" version="11"><layers>{"".join(layers)}</layers>'
+          f'<edges>{"".join(edges)}</edges></net>')
+    try:
+        model = _core().read_model(ir.encode(), openvino.Tensor(np.zeros(0, np.uint8)))
+    except RuntimeError:  # an attribute (or value) this version cannot parse
+        return []
+    name = attribute.split('"')[1]
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name().startswith("keep"):
+            info = op.get_rt_info()
+            out += [(key, info[key]) for key in info.keys() if key == name or key.startswith(name + "_")]
+    return out if len(out) == n else []
+
+
+@functools.lru_cache(maxsize=1)
+def _keep_attribute() -> str | None:
+    """The first of _KEEP_ATTRIBUTES this OpenVINO reads into a node's runtime info; None if none."""
+    return next((a for a in _KEEP_ATTRIBUTES if _make_keep_attributes(a, 1)), None)
+
+
+def keep_index_arithmetic_f32(model) -> int:
+    """Mark the model's index arithmetic to stay f32 under a bf16 inference precision; returns how
+    many nodes it marked (0 also where this OpenVINO has no attribute for it).
+
+    Index arithmetic: the float nodes computed from tensor shapes (and constants) alone that lead to
+    a float -> integer step, e.g. torch.onnx's nearest-exact upsample (Wan's decoder), which gathers
+    at int((arange(out) + 0.5) * (in / out)). bf16 has 8 significant bits (steps of 0.5 between 64
+    and 128), so for odd i > 128 the x.75 of (i + 0.5) * 0.5 rounds up to the next integer: those
+    output pixels come from the wrong source pixel, and the last from one past the end, which
+    OpenVINO's GatherND reads as garbage (NaN/Inf on a Wan decoder at 256x256). The nodes are
+    vectors the length of a side, so f32 costs nothing; the tensors they index stay bf16."""
+    attribute = _keep_attribute()
+    if attribute is None:
+        return 0
+    ops = model.get_ordered_ops()  # topological
+    by_id = {op.get_instance_id(): op for op in ops}
+
+    def sources(op):
+        return [i.get_source_output().get_node() for i in op.inputs()]
+
+    def takes_real(op):
+        return any(i.get_source_output().get_element_type().is_real() for i in op.inputs())
+
+    def gives_real(op):
+        return any(o.get_element_type().is_real() for o in op.outputs())
+
+    shaped = set()  # computed from shapes (and constants), not from tensor values; ShapeOf itself excluded
+    for op in ops:
+        if op.get_type_name() in ("Parameter", "Constant", "Result") or not op.get_input_size():
+            continue
+        srcs = sources(op)
+        if all(s.get_type_name() in ("ShapeOf", "Constant") or s.get_instance_id() in shaped for s in srcs) and \
+                any(s.get_type_name() == "ShapeOf" or s.get_instance_id() in shaped for s in srcs) and \
+                op.get_type_name() != "ShapeOf":
+            shaped.add(op.get_instance_id())
+    # the float -> integer steps among them, then the float maths upstream of those, within the shape maths
+    todo = [by_id[i] for i in shaped if takes_real(by_id[i]) and not gives_real(by_id[i])]
+    marked = set()
+    while todo:
+        op = todo.pop()
+        if op.get_instance_id() not in marked:
+            marked.add(op.get_instance_id())
+            todo.extend(s for s in sources(op) if s.get_instance_id() in shaped)
+    keep = [by_id[i] for i in marked if takes_real(by_id[i]) or gives_real(by_id[i])]
+    attributes = _make_keep_attributes(attribute, len(keep)) if keep else []
+    for op, (key, value) in zip(keep, attributes):
+        op.set_rt_info(value, key)
+    return len(attributes)
+
+
 def _port(port) -> Port:
     kind = port.get_element_type().get_type_name()
     return Port(port.get_any_name(), _DTYPES.get(kind, kind),
@@ -81,6 +182,8 @@ class OpenVINORunner:
             model = core.read_model(graph, b"")
         except RuntimeError as e:
             raise BundleError(f"{what}: OpenVINO cannot read the graph: {str(e).strip()[:300]}") from None
+        # the number of nodes kept f32 under bf16 (index arithmetic); 0 in f32
+        self.kept_f32 = keep_index_arithmetic_f32(model) if HINTS[precision] == "bf16" else 0
         config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
