@@ -11,7 +11,8 @@ likelihood's parameters (Bernoulli logits, or the Gaussian mean whose fixed scal
 Each kind's export module (export/<kind>.py) registers its `Exporter` here with `register` when
 imported; this package imports them all (at the end), so `EXPORTERS` is complete once
 `vaeinfer.export` is. Adding a kind: its module calls `register(KIND.name, export_run,
-variant_errors)`, and its import goes below.
+variant_errors)` (and `variant_feeds=` when its graphs are not driven by one encoder call), and
+its import goes below.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ class Exporter:
     # a run trained by `training` (export_checkpoint)
     export_run: Callable[..., Path]
     # (ref, var, x, labels, nll_images, nll_samples, seed) -> the errors of a precision variant `var`
-    # against the fp32 `ref`, both loaded, on images x (variants.evaluate)
+    # against the fp32 `ref`, both loaded, on the kind's data x (images; clips for a video kind)
+    # (variants.evaluate); must include "reconstruction" (max/mean abs), which the export bounds
     variant_errors: Callable[..., dict]
+    # (Manifest, {role: fp32 onnxruntime session}, data, labels | None, seed) -> {role: {input name:
+    # array}}: each graph's inputs as the calibration data drive them, rows stacked (the fp16
+    # overflow check, int8 calibration, speed-ups); None: variants.graph_feeds (the encoder on the
+    # images in one call, the other graphs from its outputs)
+    variant_feeds: Callable[..., dict] | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {}  # kind name (vaeinfer.kinds) -> its exporter
 
 
-def register(kind: str, export_run: Callable[..., Path], variant_errors: Callable[..., dict]) -> Exporter:
-    EXPORTERS[kind] = Exporter(export_run, variant_errors)
+def register(kind: str, export_run: Callable[..., Path], variant_errors: Callable[..., dict],
+             variant_feeds: Callable[..., dict] | None = None) -> Exporter:
+    EXPORTERS[kind] = Exporter(export_run, variant_errors, variant_feeds)
     return EXPORTERS[kind]
 
 

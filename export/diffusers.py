@@ -35,6 +35,8 @@ from vaeinfer.export.spatial_vae import BATCHES, SIZES, TOLERANCE, export_spatia
 
 FAMILIES = ("AutoencoderKL", "AutoencoderTiny", "VQModel")
 VIDEO_FAMILIES = ("AutoencoderKLWan", "AutoencoderKLQwenImage")  # causal video VAEs: export/video_vae.py
+# a variant whose reconstructions differ from fp32's by more than this (mean abs, outputs in [-1, 1]) is refused
+VARIANT_MAX_MAE = 0.1
 
 
 def _diffusers():
@@ -179,7 +181,7 @@ def _source(module, cfg: dict, src: Path) -> dict:
 def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
                    config: str | os.PathLike | None = None, sizes=SIZES, batches=BATCHES,
                    precisions=(), height: int | None = None, width: int | None = None,
-                   tolerance: float = TOLERANCE, calibration_images: int = 16, progress=None,
+                   tolerance: float = TOLERANCE, calibration_images: int = 16, calibration_clips: int = 4, progress=None,
                    exact_tiling: bool | None = None) -> Path:
     """Export a diffusers AutoencoderKL / AutoencoderTiny / VQModel into a validated spatial-vae bundle,
     or an AutoencoderKLWan / AutoencoderKLQwenImage into a video-vae bundle (export.video_vae).
@@ -189,7 +191,10 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
         diffusers module, at each of `batches`. height/width: the native size recorded for
         sample() (default: the config's sample_size). precisions: also make "fp16" (made safe:
         the nodes that overflow stay fp32, see export.variants.make_fp16) and/or "int8" variants,
-        calibrated and validated on smooth synthetic images at sizes[0].
+        calibrated and validated on smooth synthetic images at sizes[0] (`calibration_images` of
+        them); and/or validate "bf16" (computed by OpenVINO). A video VAE's variants are made
+        from its step graphs stepped over `calibration_clips` smooth synthetic clips and
+        validated on whole clips (export.video_vae.variant_feeds / variant_errors).
     exact_tiling: add the stage graphs of exact tiled decode/encode (vaeinfer.exact_tiling,
         export.exact_tiling), validated against the module. None (default): for an AutoencoderKL
         of the supported family; otherwise the manifest records why not. True: an ExportError
@@ -201,14 +206,20 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
     if type(module).__name__ in VIDEO_FAMILIES:
         from vaeinfer.export.video_vae import export_video_vae
 
-        if precisions:
-            raise ExportError(f"{type(module).__name__}: precision variants of video VAEs are not made yet; "
-                              "export fp32 (bf16 runs computed on OpenVINO)")
         if exact_tiling:
             raise ExportError(f"{type(module).__name__}: exact tiling is for the AutoencoderKL family, not video "
                               "VAEs (their decode streams frame by frame instead); export without --exact-tiling")
-        return export_video_vae(module, out_dir, name=name or Path(out_dir).name, source=_source(module, cfg, src),
+        path = export_video_vae(module, out_dir, name=name or Path(out_dir).name, source=_source(module, cfg, src),
                                 height=height, width=width, progress=progress)
+        if precisions:
+            from vaeinfer.bundle import open_bundle
+            from vaeinfer.export.video_vae import variant_clips
+
+            m = open_bundle(path).manifest
+            calib, held = variant_clips(m, calibration_clips, seed=1), variant_clips(m, max(1, calibration_clips // 2), seed=2)
+            path = _add_variants(path, precisions, calib, held, f"smooth synthetic clips of {calib.shape[2]} frames "
+                                 f"{calib.shape[3]}x{calib.shape[4]} (vaeinfer.export.video_vae.variant_clips)", progress)
+        return path
     facts = _facts(module, cfg)
     encoder = facts.pop("encoder")
     native = int(cfg.get("sample_size") or 512)
@@ -224,12 +235,18 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
                               source=_source(module, cfg, src), tolerance=tolerance, extra_files=files,
                               extra_manifest={"exact_tiling": slot} if slot else None, **facts)
     if precisions:
-        from vaeinfer.export.variants import add_variants
-
         hh, ww = sizes[0]
         calib = smooth_images(calibration_images, facts["channels"], hh, ww, seed=1)
         held = smooth_images(max(2, calibration_images // 4), facts["channels"], hh, ww, seed=2)
-        path = add_variants(path, list(precisions), calib, held, nll_images=0, speed_batch=2, calibration_batch=4,
-                            source={"data": f"smooth synthetic images {hh}x{ww} (vaeinfer.export.spatial_vae.smooth_images)"},
-                            max_image_mae=0.1, progress=progress)
+        path = _add_variants(path, precisions, calib, held,
+                             f"smooth synthetic images {hh}x{ww} (vaeinfer.export.spatial_vae.smooth_images)", progress)
     return path
+
+
+def _add_variants(path: Path, precisions, calib, held, data: str, progress) -> Path:
+    """The precision variants of an imported bundle, calibrated on `calib` and validated on `held`
+    (synthetic images or clips, described by `data`)."""
+    from vaeinfer.export.variants import add_variants
+
+    return add_variants(path, list(precisions), calib, held, nll_images=0, speed_batch=2, calibration_batch=4,
+                        source={"data": data}, max_image_mae=VARIANT_MAX_MAE, progress=progress)

@@ -179,10 +179,16 @@ def make_fp16(data: bytes, feeds: list[dict] | None = None, report: dict | None 
     keep = set(keep_fp32_nodes(model, outputs=False))
     overflow = fp16_overflow_nodes(model, feeds) if feeds else {}
     keep |= set(overflow)
+    # nodes that make fp32 values from no float input keep their fp32 output: the converter
+    # retypes their tensor to fp16 but not the node (a Cast's `to`: the index arithmetic behind a
+    # 3-D nearest upsample; a ConstantOfShape's default fp32 zeros: a video cache's zero frames),
+    # which onnxruntime refuses; block-listed, they get a Cast to fp16 after them instead
+    makers = {n.name for n in model.graph.node if n.op_type == "ConstantOfShape" or n.op_type == "Cast"
+              and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
     found: list[str] = []
     for _ in range(FP16_MAX_ROUNDS + 1):
-        half = float16.convert_float_to_float16(copy.deepcopy(model), keep_io_types=True,
-                                                node_block_list=sorted(keep) or None)
+        half = float16.convert_float_to_float16(_outputs_apart(model), keep_io_types=True,
+                                                node_block_list=sorted(keep | makers) or None)
         if not feeds:
             break
         bad = _first_non_finite(half, feeds)
@@ -206,6 +212,25 @@ def make_fp16(data: bytes, feeds: list[dict] | None = None, report: dict | None 
                        "non_finite_in_fp16": [{"node": n, "op": ops.get(n)} for n in found],
                        "fp32_nodes": len(keep)})
     return _finish(half, "fp16")
+
+
+def _outputs_apart(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` in which each graph output comes out of an Identity of its value, so that
+    the converter's keep_io_types cast to fp32 serves the output alone. Without it, an output
+    that the graph also reads (a video step's cache, concatenated with the next input) leaves
+    its fp16 consumers reading the fp32 cast, and an output written by a block-listed node (a
+    cache of zero frames, a layer kept in fp32) comes out typed fp16."""
+    model = copy.deepcopy(model)
+    outputs = {o.name for o in model.graph.output}
+    for node in list(model.graph.node):
+        for i, out in enumerate(node.output):
+            if out in outputs:
+                node.output[i] = f"{out}__value"
+                for other in model.graph.node:
+                    other.input[:] = [node.output[i] if v == out else v for v in other.input]
+                model.graph.node.append(onnx.helper.make_node("Identity", [node.output[i]], [out],
+                                                              name=f"{out}__apart"))
+    return model
 
 
 def _first_non_finite(half: onnx.ModelProto, feeds: list[dict]) -> list[str]:
@@ -359,16 +384,21 @@ def abs_errors(a: np.ndarray, b: np.ndarray) -> dict:
 
 def evaluate(bundle_dir: Path, precision: str, images: np.ndarray, labels: np.ndarray | None,
              nll_images: int, nll_samples: int, seed: int = 0) -> dict:
-    """Errors of a written variant against fp32 through the runtime itself, on `images`.
+    """Errors of a written variant against fp32 through the runtime itself, on `images` (the
+    kind's data: clips for a video kind), by the kind's exporter's `variant_errors`.
 
-    Raises ExportError on any non-finite output (the runtime refuses them as OutputError).
+    Raises ExportError on any non-finite output (the runtime refuses them as OutputError), and
+    when this machine cannot run the variant (bf16 needs OpenVINO on a CPU with BF16).
     """
     import vaeinfer
-    from vaeinfer.errors import OutputError
+    from vaeinfer.errors import BackendError, OutputError
     from vaeinfer.export import EXPORTERS
 
     ref = vaeinfer.load(bundle_dir, device="cpu")
-    var = vaeinfer.load(bundle_dir, device="cpu", precision=precision)
+    try:
+        var = vaeinfer.load(bundle_dir, device="cpu", precision=precision)
+    except BackendError as e:  # bf16 without OpenVINO or a CPU that has it: nothing to validate, no entry
+        raise ExportError(f"the {precision} variant cannot be validated on this machine: {e}") from e
     x = np.ascontiguousarray(images, np.float32)
     try:
         errors = EXPORTERS[ref.info.kind].variant_errors(ref, var, x, labels, nll_images, nll_samples, seed)
@@ -402,8 +432,10 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     """Make, validate and add precision variants to a bundle (in place, or into `out_dir`).
 
     calibration: training images (N, C, H, W) float32 in the image range (int8 calibrates on
-        at most `max_calibration` of them). evaluation: held-out images (the test set) for the
-        errors and the NLL; default: the calibration images beyond `max_calibration`, else them.
+        at most `max_calibration` of them); for a video kind, clips (N, C, T, H, W). evaluation:
+        held-out images / clips (the test set) for the errors and the NLL; default: the
+        calibration data beyond `max_calibration`, else it. A variant whose reconstructions
+        differ from fp32's by more than `max_image_mae` (mean abs) is refused (ExportError).
     progress(message), if given, is told what is happening.
     """
     say = progress or (lambda _msg: None)
@@ -425,7 +457,11 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
         evaluation = calibration[rest] if len(rest) else calib
         evaluation_labels = None if calibration_labels is None else np.asarray(calibration_labels)[rest] \
             if len(rest) else calib_labels
-    feeds = graph_feeds(m, sessions, calib, calib_labels, seed)
+    from vaeinfer.export import EXPORTERS
+
+    # each graph's inputs as the calibration data drive them (a kind's own hook: a video VAE's
+    # step graphs are fed by stepping through whole clips)
+    feeds = (EXPORTERS[m.kind].variant_feeds or graph_feeds)(m, sessions, calib, calib_labels, seed)
     files = _bundle_files(bundle)
     manifest = copy.deepcopy(m.raw)
     manifest.setdefault("variants", {})
@@ -455,7 +491,7 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
     with tempfile.TemporaryDirectory(prefix="vaeinfer-variants-") as tmp:
         scratch = write_bundle(Path(tmp) / "bundle", manifest, files)
         for precision, graphs in made.items():
-            say(f"{precision}: validating against fp32 on {len(evaluation)} held-out images")
+            say(f"{precision}: validating against fp32 on {len(evaluation)} held-out {_what(evaluation)}")
             errors = evaluate(scratch, precision, evaluation, evaluation_labels, min(nll_images, len(evaluation)),
                               nll_samples, seed)
             mae = errors["reconstruction"]["mean_abs_err"]
@@ -468,14 +504,23 @@ def add_variants(bundle_dir: str | Path, precisions, calibration: np.ndarray, ev
             entry.update({
                 "method": CONVERTERS[precision].method(**settings),
                 "calibration": None if not precision_table.get(precision).calibrated else {
-                    **(source or {}), "images": len(calib), "split": "train", "seed": seed},
-                "error": {"evaluated_on": {**(source or {}), "images": len(evaluation), "split": "held out"}, **errors},
+                    **(source or {}), **_count(calib), "split": "train", "seed": seed},
+                "error": {"evaluated_on": {**(source or {}), **_count(evaluation), "split": "held out"}, **errors},
                 "speedup": {"batch": speed_batch, **_runs_on(scratch, precision), "threads": threads,
                             "measured": "vaeinfer runtime, median of interleaved calls",
                             "onnxruntime_version": ort.__version__, "graphs": speed},
             })
     say(f"writing {out_dir or bundle_dir}")
     return write_bundle(out_dir or bundle.path, manifest, files)
+
+
+def _what(data: np.ndarray) -> str:
+    return "clips" if data.ndim == 5 else "images"
+
+
+def _count(data: np.ndarray) -> dict:
+    """How much data: {"images": n}, or {"clips": n, "frames": T} for clips (N, C, T, H, W)."""
+    return {"clips": len(data), "frames": int(data.shape[2])} if data.ndim == 5 else {"images": len(data)}
 
 
 def _runs_on(bundle_dir: Path, precision: str) -> dict:

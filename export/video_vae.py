@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 from vaeinfer import export
-from vaeinfer.export import vae as vae_export
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError
 from vaeinfer.export.spatial_vae import smooth_images
@@ -287,4 +286,70 @@ def export_run(model, meta: dict, run_dir: Path, out_dir, name: str | None, trai
                       "vaeinfer does not train them")
 
 
-export.register(KIND.name, export_run, vae_export.variant_errors)
+# --- precision variants (export.variants.add_variants, through the exporter's hooks) -----------
+
+VARIANT_LATENT = (4, 4)  # latent (h, w) of the clips that calibrate and validate the variants
+VARIANT_LATENT_FRAMES = 3  # their latent frames: the first step and two later ones (steady-state caches)
+
+
+def variant_clips(manifest, n: int, seed: int) -> np.ndarray:
+    """n smooth synthetic clips (`clips`) of 1 + t (VARIANT_LATENT_FRAMES - 1) frames at
+    VARIANT_LATENT times the spatial downsampling: the data the variants are made and validated on."""
+    lat = manifest.latent
+    f, t = lat["downsample"], lat["temporal_downsample"]
+    h, w = VARIANT_LATENT
+    return clips(n, 1 + t * (VARIANT_LATENT_FRAMES - 1), h * f, w * f, seed)
+
+
+class _Recording:
+    """An fp32 step graph's onnxruntime session that keeps every feed it is run on."""
+
+    def __init__(self, session):
+        self.session, self.feeds = session, []
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds, _batch_size=None):
+        self.feeds.append(feeds)
+        return self.session.run(self.names, feeds)
+
+
+def variant_feeds(manifest, sessions: dict, data: np.ndarray, labels, seed: int) -> dict:
+    """Each step graph's inputs as whole clips drive it (variants.add_variants' feeds): the fp32
+    encoder graphs stepped over the clips `data` (N, 3, 1 + t k, H, W) by the runtime's own loop
+    (vaeinfer.video_vae.encode_steps), so every later step gets the caches the steps before it
+    really left, then the decoder graphs the same way over posterior samples of those latents.
+    Each role's feeds of all its steps are stacked along the batch axis (the caches keep their
+    shapes from step to step). Never random caches: the fp16 overflow check and int8's ranges
+    need the activations of real streams."""
+    t = manifest.latent["temporal_downsample"]
+    x = np.ascontiguousarray(data, np.float32)
+    if x.ndim != 5 or x.shape[2] < 1 + t or (x.shape[2] - 1) % t:
+        raise ExportError(f"video variants calibrate on clips (N, 3, 1 + {t} k, H, W) with k >= 1 (every step graph "
+                          f"runs), got shape {x.shape}")
+    rec = {role: _Recording(s) for role, s in sessions.items()}
+    chunks = [x[:, :, :1]] + [np.ascontiguousarray(x[:, :, i:i + t]) for i in range(1, x.shape[2], t)]
+    stats = list(encode_steps(rec[FIRST["encoder"]], rec["encoder"], chunks))
+    mean, logvar = (np.concatenate([s[i] for s in stats], axis=2) for i in (0, 1))
+    eps = np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
+    for _ in decode_steps(rec[FIRST["decoder"]], rec["decoder"], (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)):
+        pass
+    return {role: {name: np.concatenate([f[name] for f in r.feeds]) for name in r.feeds[0]} for role, r in rec.items()}
+
+
+def variant_errors(ref, var, x, labels, nll_images: int, nll_samples: int, seed: int) -> dict:
+    """A precision variant `var` against the fp32 model `ref` (both loaded VideoVAEs) on clips x,
+    whole clips through the runtime's step loops: the posterior (mean, logvar), the decoder on
+    the fp32 posterior means and on diffusion latents (N(0, 1) per channel, as a pipeline gives
+    it), and the reconstruction (each model decoding its own encoding). No NLL (no likelihood scale)."""
+    from vaeinfer.export.variants import abs_errors
+
+    pa, pb = ref.encode(x), var.encode(x)
+    frames = ref.decode(pa.mean)
+    latents = np.random.default_rng(seed).standard_normal(pa.mean.shape, dtype=np.float32)
+    return {"encoder": {"mean": abs_errors(pa.mean, pb.mean), "logvar": abs_errors(pa.logvar, pb.logvar)},
+            "decoder": {"frames": abs_errors(frames, var.decode(pa.mean)),
+                        "diffusion_latents": abs_errors(ref.decode(latents, scaled=True), var.decode(latents, scaled=True))},
+            "reconstruction": abs_errors(frames, var.decode(pb.mean))}
+
+
+export.register(KIND.name, export_run, variant_errors, variant_feeds)

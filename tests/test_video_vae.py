@@ -1,7 +1,8 @@
 """Video VAEs (kind "video-vae"): tiny random Wan 2.1, Wan 2.2 (patch_size 2, is_residual) and
 Qwen-Image configs saved with save_pretrained, exported through `from_diffusers` (which validates
-the step graphs against diffusers' own whole-clip decode / encode), then run through the Python
-API, the CLI and the server against the diffusers module."""
+the step graphs against diffusers' own whole-clip decode / encode) with precision variants (fp16
+for each, int8 and bf16 for Wan 2.1; Qwen-Image through the CLI's `export --precision`), then run
+through the Python API, the CLI and the server against the diffusers module and against fp32."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from click.testing import CliRunner  # noqa: E402
 import vaeinfer  # noqa: E402
 from vaeinfer.cli import main  # noqa: E402
 from vaeinfer.errors import InputError  # noqa: E402
-from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
-from vaeinfer.export.video_vae import clips  # noqa: E402
+from vaeinfer.export.diffusers import VARIANT_MAX_MAE, from_diffusers  # noqa: E402
+from vaeinfer.export.graphs import ExportError  # noqa: E402
+from vaeinfer.export.video_vae import clips, variant_clips  # noqa: E402
 
 TOL = 1e-3  # whole clips against diffusers (the export's CLIP_TOLERANCE)
 STATS = {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.5, 2.0, 1.0]}
@@ -46,16 +48,36 @@ def _qwen():
 FAMILIES = {"wan21": _wan21, "wan22": _wan22, "qwen": _qwen}
 
 
+def _has_bf16() -> bool:
+    from vaeinfer.backends import openvino as ov
+
+    return ov.is_available() and "BF16" in ov.capabilities()
+
+
+HAS_BF16 = _has_bf16()
+VARIANTS = {"wan21": ("fp16", "int8", *(("bf16",) if HAS_BF16 else ())), "wan22": ("fp16",), "qwen": ("fp16",)}
+ROLES = {"decoder_first", "decoder", "encoder_first", "encoder"}
+FP16_TOL = 1e-2  # fp16 whole clips against fp32 (max abs, frames in [-1, 1]); measured about 2e-3
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """family -> (diffusers module, bundle path)."""
+    """family -> (diffusers module, bundle path), each bundle with its VARIANTS."""
     out = {}
     for name, make in FAMILIES.items():
         torch.manual_seed(0)
         module = make().eval()
         src = tmp_path_factory.mktemp(name) / "model"
         module.save_pretrained(src)
-        out[name] = (module, from_diffusers(src, src.parent / "bundle", height=32, width=32))
+        bundle = src.parent / "bundle"
+        if name == "qwen":  # the CLI's export --precision, once
+            args = ["export", "--from-diffusers", str(src), "-o", str(bundle)]
+            r = CliRunner().invoke(main, args + [a for p in VARIANTS[name] for a in ("--precision", p)])
+            assert r.exit_code == 0, r.output
+            assert "fp16: speed-up at batch 2" in r.output and "reconstruction mean abs error" in r.output
+        else:
+            from_diffusers(src, bundle, height=32, width=32, precisions=VARIANTS[name])
+        out[name] = (module, bundle)
     return out
 
 
@@ -225,3 +247,101 @@ def test_bf16_decodes_frames_over_128_pixels(exported):
         assert got.shape == (1, 3, 5, 4 * h, 4 * w)
         err = np.abs(got - want) / float(want.max() - want.min())
         assert 0 < err.mean() < 2e-3 and err.max() < 0.05, (h, w, err.mean(), err.max())
+
+
+# --- precision variants -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp16_variant_is_made_from_real_streams_and_validated_on_whole_clips(exported, family):
+    _, path = exported[family]
+    entry = json.loads((path / "manifest.json").read_text())["variants"]["fp16"]
+    assert set(entry["graphs"]) == set(entry["fp16_safety"]) == ROLES
+    for report in entry["fp16_safety"].values():  # the overflow check ran on each step graph
+        assert report["overflow_threshold"] > 0 and "fp32_overflow" in report
+    err = entry["error"]
+    assert err["evaluated_on"]["clips"] == 2 and err["evaluated_on"]["frames"] == 9
+    for key in (("encoder", "mean"), ("encoder", "logvar"), ("decoder", "frames"), ("decoder", "diffusion_latents"),
+                ("reconstruction",)):
+        e = err
+        for k in key:
+            e = e[k]
+        assert 0 < e["max_abs_err"] <= FP16_TOL and e["mean_abs_err"] <= FP16_TOL / 5, (key, e)
+    assert set(entry["speedup"]["graphs"]) == ROLES
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp16_runs_every_step_graph_and_streams_bit_for_bit(exported, family):
+    import onnx
+
+    module, path = exported[family]
+    ref, half = vaeinfer.load(path, device="cpu"), vaeinfer.load(path, device="cpu", precision="fp16")
+    assert half.info.precision == "fp16" and set(half.info.files) == {f"{r}.fp16.onnx" for r in ROLES}
+    for role in ROLES:  # fp16 inside, the caches (like every input and output) fp32 at the boundary
+        graph = onnx.load_from_string(half.bundle.read_graph(role, "fp16"))
+        assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+        assert {v.type.tensor_type.elem_type for v in (*graph.graph.input, *graph.graph.output)} == {onnx.TensorProto.FLOAT}
+    z = _latents(module, 2, 3, 2, 3, seed=5)
+    got = half.decode(z)
+    d = np.abs(got - ref.decode(z))
+    assert 0 < d.max() <= FP16_TOL
+    assert np.array_equal(np.concatenate(list(half.decode_stream(z)), axis=2), got)
+    x = clips(1, 9, 2 * half.downsample, 3 * half.downsample, seed=4)
+    post = half.encode(x)
+    assert np.abs(post.mean - ref.encode(x).mean).max() <= FP16_TOL
+    streamed = list(half.encode_stream(x[:, :, i] for i in range(x.shape[2])))
+    assert np.array_equal(np.concatenate([p.mean for p in streamed], axis=2), post.mean)
+
+
+def test_a_variant_over_its_bound_is_refused_and_nothing_is_written(exported, tmp_path):
+    from vaeinfer.export.variants import add_variants
+
+    _, path = exported["wan21"]
+    m = vaeinfer.open_bundle(path).manifest
+    before = (path / "manifest.json").read_bytes()
+    with pytest.raises(ExportError, match=r"fp16 variant's reconstructions differ from fp32's by .* more than the 0.0 allowed"):
+        add_variants(path, ["fp16"], variant_clips(m, 2, 1), variant_clips(m, 1, 2), nll_images=0, speed_batch=2,
+                     calibration_batch=4, max_image_mae=0.0, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and (path / "manifest.json").read_bytes() == before
+    with pytest.raises(ExportError, match=r"clips \(N, 3, 1 \+ 4 k, H, W\) with k >= 1"):  # one frame: no later step
+        add_variants(path, ["fp16"], variant_clips(m, 2, 1)[:, :, :1], nll_images=0, out_dir=tmp_path / "out")
+
+
+def test_int8_variant_calibrated_on_real_streams_within_its_bound(exported):
+    """int8 (static QDQ, caches quantized inside each step graph, fp32 at its boundary) passes the
+    export's bound on whole clips; its errors are recorded like fp16's."""
+    module, path = exported["wan21"]
+    entry = json.loads((path / "manifest.json").read_text())["variants"]["int8"]
+    assert set(entry["graphs"]) == ROLES and entry["calibration"]["clips"] == 4
+    assert 0 < entry["error"]["reconstruction"]["mean_abs_err"] <= VARIANT_MAX_MAE
+    q = vaeinfer.load(path, device="cpu", precision="int8")
+    z = _latents(module, 1, 3, 2, 2, seed=2)
+    got, want = q.decode(z), vaeinfer.load(path, device="cpu").decode(z)
+    assert 0 < float(np.abs(got - want).mean()) <= VARIANT_MAX_MAE
+    assert np.array_equal(np.concatenate(list(q.decode_stream(z)), axis=2), got)
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="bf16 needs OpenVINO on a CPU with AMX or AVX-512 BF16; "
+                                         "the export refuses to record an entry it cannot validate")
+def test_bf16_entry_is_validated_on_whole_clips(exported):
+    _, path = exported["wan21"]
+    entry = json.loads((path / "manifest.json").read_text())["variants"]["bf16"]
+    assert entry["computed_from"] == "fp32" and "graphs" not in entry
+    assert 0 < entry["error"]["reconstruction"]["mean_abs_err"] <= VARIANT_MAX_MAE
+    assert entry["speedup"]["backend"] == "openvino" and set(entry["speedup"]["graphs"]) == ROLES
+
+
+def test_auto_considers_fp16_and_int8_for_each_step_graph(exported, tmp_path, monkeypatch):
+    """precision="auto" on onnxruntime alone: fp32, fp16 and int8 are candidates of every step
+    graph, fp16 within the default budget; whatever it picks streams bit for bit."""
+    from vaeinfer.auto_precision import within_budget
+
+    module, path = exported["wan21"]
+    monkeypatch.setenv("VAEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    auto = vaeinfer.load(path, device="cpu", backend="cpu", precision="auto")
+    assert set(auto.info.auto) == ROLES
+    for role, d in auto.info.auto.items():
+        assert set(d["errors"]) == {"cpu/fp32", "cpu/fp16", "cpu/int8"}, role
+        assert within_budget(d["errors"]["cpu/fp16"], d["peaks"]["cpu/fp16"], d["max_error"]), (role, d["why"])
+    z = _latents(module, 1, 3, 2, 2, seed=7)
+    got = auto.decode(z)
+    assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)

@@ -193,9 +193,11 @@ class OpenVINORunner:
             raise BackendError(f"{what}: OpenVINO cannot compile the graph for the CPU: {str(e).strip()[:300]}") from None
         self.providers = (f"OpenVINO {version().split('-')[0]} CPU ({HINTS[precision]})",)
         self.errors = (RuntimeError,)
-        self._inputs = [_port(p) for p in self.compiled.inputs]
-        self._outputs = [_port(p) for p in self.compiled.outputs]
-        self._index = {p.name: i for i, p in enumerate(self._outputs)}
+        # the graph's own signature, as read: compiling may forget a static axis (the int8 step
+        # graphs of a video VAE come out of the CPU plugin's low-precision passes as all dynamic)
+        self._inputs = [_port(p) for p in model.inputs]
+        self._outputs = [_port(p) for p in model.outputs]
+        self._index = {p.get_any_name(): i for i, p in enumerate(self.compiled.outputs)}
         self._local = threading.local()
 
     def inputs(self) -> list[Port]:

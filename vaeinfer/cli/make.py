@@ -206,7 +206,7 @@ def train_prior_cmd(run_dir, resume, quiet, **flags):
                    "AutoencoderKLQwenImage (video): a save_pretrained folder "
                    "(config.json + safetensors) or a single .safetensors file (with --config). Local files only; "
                    f"needs the diffusers extra. --precision {'/'.join(precisions.variant_names())} calibrate on "
-                   "synthetic smooth images.")
+                   "synthetic smooth images (clips for a video VAE).")
 @click.option("--config", "diffusers_config", default=None, type=click.Path(exists=True),
               help="With --from-diffusers FILE.safetensors: its diffusers config folder or config.json.")
 @click.option("--exact-tiling/--no-exact-tiling", default=None,
