@@ -467,8 +467,9 @@ class Model:
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
     # the host memory arena of its graphs (make_runner's `arena`): True keeps each graph's working
-    # memory between calls (fastest); False gives it back after each call (a kind whose calls must
-    # not add up, e.g. a video decoder's steps)
+    # memory between calls (fastest); False gives it back after each call and plans no memory
+    # pattern, so every call peaks alike (a kind whose calls must not add up, e.g. a video
+    # decoder's steps)
     host_arena: bool | str = True
 
     def graph(self, role: str) -> Graph:

@@ -74,8 +74,9 @@ class Backend:
     is_available: Callable[[], bool]  # cheap: can this process make runners (no graph loaded)
     # (graph bytes, Device, *, threads, what, precision, spec, capture, arena) -> Runner; BackendError if
     # it cannot run here, BundleError if the graph is refused; capture: try graph capture (if declared);
-    # arena=False: give host memory back after each run, "shared": one host arena for all such runners
-    # (a backend without a host arena ignores it)
+    # arena=False: give host memory back after each run and peak at what is alive at once (no
+    # arena, no memory pattern: a run's peak is the same on every call), "shared": one host arena
+    # for all such runners (a backend without a host arena ignores it)
     make_runner: Callable[..., Runner]
     indexed: bool = False  # device strings carry an index ("cuda:1")
     default: bool = False  # the backend a bare device string of its family picks
