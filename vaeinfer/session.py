@@ -105,6 +105,12 @@ def create_session(model: bytes, device, threads: int | None, what: str, provide
         raise BackendError(f"{what}: asked for {device} ({entry.title}) but onnxruntime bound "
                            f"{session.get_providers()} (is a CUDA driver and cuDNN 9 visible to this process?)")
     session.captured = uncaptured is not None
+    # onnxruntime's Python session keeps the bytes it was made from for as long as it lives, to
+    # re-create itself on another provider (its fallback, which vaeinfer refuses: a failing
+    # provider raises): a second copy of every weight, 1 GiB for a Wan 2.1 VAE's four graphs
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
     return session
 
 
