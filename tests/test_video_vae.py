@@ -209,6 +209,15 @@ def test_every_cpu_backend_and_precision_streams_a_clip(exported, tmp_path, monk
     assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)
 
 
+def test_no_parallel_chunks_so_no_graph_bytes_kept(exported):
+    """Parallel single-threaded chunks would keep every graph's bytes (to make their sessions) and
+    hold several chunks' working memory at once: a video model runs each step as one call."""
+    _, path = exported["wan21"]
+    m = vaeinfer.load(path, device="cpu", threads=2)
+    assert m.execution_modes() == {role: "intra" for role in ("decoder_first", "decoder", "encoder_first", "encoder")}
+    assert all(g._serial_factory is None for g in m._graphs.values())
+
+
 _STEP_PEAKS = textwrap.dedent("""
     import json, sys
     import numpy as np

@@ -389,7 +389,8 @@ class Model:
         def serial():
             return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec, **arena)
 
-        return Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
+        # `serial` holds the graph's bytes for as long as the Graph lives: only where chunks may run
+        return Graph(runner, spec, what, device, role_buckets, bound, workers, serial if self.parallel_chunks else None)
 
     def _load_auto(self, dev: Device, backend: str | None, threads, verify: bool, cuda_graph, io_binding,
                    max_error) -> None:
@@ -471,6 +472,11 @@ class Model:
     # pattern, so every call peaks alike (a kind whose calls must not add up, e.g. a video
     # decoder's steps)
     host_arena: bool | str = True
+    # whether a large CPU batch may run as parallel single-threaded chunks (`Graph`), for which
+    # each graph keeps its bytes to make its single-threaded session on first use. False: one
+    # call per batch, no bytes kept (a kind whose graphs are large and whose calls must not add
+    # up: parallel chunks would hold several chunks' working memory at once)
+    parallel_chunks: bool = True
 
     def graph(self, role: str) -> Graph:
         """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""

@@ -74,6 +74,7 @@ class VideoVAE(Model):
     peaks alike (no memory pattern laying a run's tensors out with gaps from the second run on)."""
 
     host_arena = False
+    parallel_chunks = False
 
     def __init__(self, *args, **kwargs):
         host_memory.bounded_malloc()
