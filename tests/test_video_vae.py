@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from click.testing import CliRunner  # noqa: E402
 
 import vaeinfer  # noqa: E402
 from vaeinfer.cli import main  # noqa: E402
-from vaeinfer.errors import InputError  # noqa: E402
+from vaeinfer.errors import BundleError, InputError  # noqa: E402
 from vaeinfer.export.diffusers import from_diffusers  # noqa: E402
 from vaeinfer.export.video_vae import clips  # noqa: E402
 
@@ -207,6 +208,9 @@ def test_every_cpu_backend_and_precision_streams_a_clip(exported, tmp_path, monk
     got = auto.decode(z)
     assert float(np.abs(got - want).mean()) <= 0.01 * float(want.max() - want.min())
     assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)
+    dec = vaeinfer.load(path, device="cpu", precision="auto", roles=("decoder",))  # the cached choice, decoder only
+    assert set(dec.info.auto) == {"decoder_first", "decoder"} and dec.info.roles == ("decoder_first", "decoder")
+    assert np.array_equal(dec.decode(z), got)
 
 
 def test_no_parallel_chunks_so_no_graph_bytes_kept(exported):
@@ -216,6 +220,35 @@ def test_no_parallel_chunks_so_no_graph_bytes_kept(exported):
     m = vaeinfer.load(path, device="cpu", threads=2)
     assert m.execution_modes() == {role: "intra" for role in ("decoder_first", "decoder", "encoder_first", "encoder")}
     assert all(g._serial_factory is None for g in m._graphs.values())
+
+
+def test_roles_load_one_half_and_still_check_every_file(exported, tmp_path):
+    """load(roles=("decoder",)): the decoder's two graphs only (decoding as the whole model does),
+    encoding says how to load the encoder; every file is still checked at load."""
+    module, path = exported["wan21"]
+    full = vaeinfer.load(path, device="cpu")
+    assert full.info.roles == ("decoder_first", "decoder", "encoder_first", "encoder")
+    dec = vaeinfer.load(path, device="cpu", roles=("decoder",))
+    assert dec.info.roles == tuple(dec._graphs) == ("decoder_first", "decoder")
+    z = _latents(module, 1, 3, 2, 2)
+    assert np.array_equal(dec.decode(z), full.decode(z))
+    x = clips(1, 5, 8, 8, seed=0)
+    with pytest.raises(ValueError, match=r"its encoder_first graph is not loaded .*roles including 'encoder'"):
+        dec.encode(x)
+    enc = vaeinfer.load(path, device="cpu", roles="encoder")
+    assert enc.info.roles == ("encoder_first", "encoder")
+    assert np.array_equal(enc.encode(x).mean, full.encode(x).mean)
+    with pytest.raises(ValueError, match="roles including 'decoder'"):
+        enc.decode(z)
+    with pytest.raises(ValueError, match=r"roles: expected some of .*got \['prior'\]"):
+        vaeinfer.load(path, roles=("prior",))
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    data = bytearray((bad / "encoder.onnx").read_bytes())
+    data[-1] ^= 1
+    (bad / "encoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        vaeinfer.load(bad, device="cpu", roles=("decoder",))
 
 
 _STEP_PEAKS = textwrap.dedent("""

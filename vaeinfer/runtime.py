@@ -323,12 +323,14 @@ def check_finite(a: np.ndarray, what: str) -> None:
 
 
 class Model:
-    """A loaded bundle: one `Graph` per role, all on one device, run by one backend."""
+    """A loaded bundle: one `Graph` per role it loaded (`roles`: every role of the bundle unless
+    `vaeinfer.load(roles=...)` named some), all on one device, run by one backend."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-                 backend: str | None = None, max_error: float | None = None):
+                 backend: str | None = None, max_error: float | None = None, roles=None):
         self.bundle, self.manifest = bundle, bundle.manifest
+        self.roles = load_roles(self.manifest, roles)
         dev = parse_device(device, backend)
         if precision == precisions.AUTO:
             self._load_auto(dev, backend, threads, verify, cuda_graph, io_binding, max_error)
@@ -345,24 +347,31 @@ class Model:
                 raise ValueError(f"cuda_graph needs a backend that captures graphs ({capture}); "
                                  f"got device {str(device)!r}, backend {dev.backend!r}")
             buckets = ()  # "auto" on a machine without one: no graphs to capture, no padding
-        graph_bytes = {role: bundle.read_graph(role, precision, verify) for role in self.manifest.specs()}
+        graph_bytes = {}
+        for role in self.manifest.specs():  # every graph read and checked, loaded or not
+            data = bundle.read_graph(role, precision, verify)
+            if role in self.roles:
+                graph_bytes[role] = data
+        del data
         try:
-            self._graphs = self._sessions(graph_bytes, dev, threads, precision, buckets, io_binding)
+            graphs = self._sessions(graph_bytes, dev, threads, precision, buckets, io_binding)
         except BackendError:
             if not dev.auto:
                 raise
             dev = fallback()
-            self._graphs = self._sessions(graph_bytes, dev, threads, precision, (), io_binding)
+            graphs = self._sessions(graph_bytes, dev, threads, precision, (), io_binding)
+        self._graphs = Graphs(graphs, self.manifest)
         m = self.manifest
         self.info = ModelInfo(
             name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
             backend=dev.backend, providers=next(iter(self._graphs.values())).runner.providers, precision=precision,
-            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in m.specs(),
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for f in m.files(precision).values()}, path=str(bundle.path),
             cuda_graph=next(iter(self._graphs.values())).buckets
             if all(g.cuda_graph for g in self._graphs.values()) else (),
+            roles=self.roles,
         )
 
     def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, precision: str = "fp32",
@@ -416,6 +425,12 @@ class Model:
             return data[role, p]
 
         for role, spec in m.specs().items():
+            if role not in self.roles:  # not loaded: its files are read and checked all the same
+                for p in sorted({p for _, p in paths.values()}):
+                    if role in m.files(p):
+                        graph_bytes(role, p)
+                        del data[role, p]
+                continue
             if not spec.variants:  # e.g. a VQ prior's cached step graphs: fp32 on the reference backend
                 self._graphs[role] = self._graph(role, spec, graph_bytes(role, precisions.REFERENCE), dev, threads,
                                                    precisions.REFERENCE, (), io_binding)
@@ -450,6 +465,7 @@ class Model:
             chosen = {label: graphs[label] for label in sorted(set(decision.choice.values()))}
             self._graphs[role] = ChoosingGraph(chosen, decision)
             decisions[role] = decision
+        self._graphs = Graphs(self._graphs, m)
         first = next(iter(self._graphs.values()))
         used = sorted({label for d in decisions.values() for label in d.choice.values()})
         self.info = ModelInfo(
@@ -457,13 +473,14 @@ class Model:
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
             backend="+".join(sorted({label.split("/")[0] for label in used})) or dev.backend,
             providers=first.runner.providers, precision=precisions.AUTO,
-            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in m.specs(),
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for p in {paths[label][1] for label in used} | {precisions.REFERENCE}
                    for f in m.files(p).values()},
             path=str(self.bundle.path),
             auto={role: {"choice": {str(b): label for b, label in d.choice.items()}, "errors": d.errors, "peaks": d.peaks,
                          "max_error": d.max_error, "why": d.why(), "cached": d.cached} for role, d in decisions.items()},
+            roles=self.roles,
         )
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
@@ -480,9 +497,9 @@ class Model:
 
     def graph(self, role: str) -> Graph:
         """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""
-        if role not in self._graphs:
-            raise ValueError(f"{self.info.name} has graphs {sorted(self._graphs)}, not {role!r}")
-        return self._graphs[role]
+        if role not in self.manifest.specs():
+            raise ValueError(f"{self.info.name} has graphs {sorted(self.manifest.specs())}, not {role!r}")
+        return self._graphs[role]  # ValueError if loaded without it (roles=)
 
     def execution_modes(self) -> dict[str, str | None]:
         """How each graph runs large CPU batches: "intra" (one multi-threaded call), "chunks"
@@ -506,6 +523,47 @@ class Model:
 
     def __repr__(self):
         return f"<vaeinfer {self.info.kind} {self.info.name!r} on {self.info.device} ({self.info.precision})>"
+
+
+def load_roles(manifest, roles) -> tuple[str, ...]:
+    """The roles whose graphs `vaeinfer.load(roles=...)` loads, in the bundle's order: every one
+    for None; else the roles named (a string or several) and their kind's companions
+    (`Kind.companions`: a video decoder's first-step graph, a VQ prior's cached graphs)."""
+    specs = manifest.specs()
+    if roles is None:
+        return tuple(specs)
+    asked = (roles,) if isinstance(roles, str) else tuple(roles)
+    unknown = [r for r in asked if r not in specs]
+    if unknown or not asked:
+        raise ValueError(f"roles: expected some of {manifest.name}'s graphs {list(specs)} (or None for all), "
+                         f"got {list(asked) if not unknown else unknown}")
+    from vaeinfer import kinds
+
+    wanted = set(asked)
+    for role, companions in kinds.get(manifest.kind).companions.items():
+        group = {role, *companions}
+        if wanted & group:
+            wanted |= group
+    return tuple(r for r in specs if r in wanted)
+
+
+class Graphs(dict):
+    """role -> Graph for the roles a model loaded. A role of the bundle that was not loaded
+    (`vaeinfer.load(roles=...)`) raises ValueError saying how to load it; any other KeyError."""
+
+    def __init__(self, graphs: dict, manifest):
+        super().__init__(graphs)
+        self._manifest = manifest
+
+    def __missing__(self, role):
+        m = self._manifest
+        if role not in m.specs():
+            raise KeyError(role)
+        from vaeinfer import kinds
+
+        main = next((r for r, others in kinds.get(m.kind).companions.items() if role in others), role)
+        raise ValueError(f"{m.name}: its {role} graph is not loaded (this model was loaded with roles={tuple(self)}); "
+                         f"load it with roles including {main!r}, or roles=None for every graph")
 
 
 class ChoosingGraph:
