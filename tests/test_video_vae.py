@@ -251,6 +251,34 @@ def test_roles_load_one_half_and_still_check_every_file(exported, tmp_path):
         vaeinfer.load(bad, device="cpu", roles=("decoder",))
 
 
+def test_first_and_step_graphs_share_their_weights_bit_for_bit(exported, monkeypatch):
+    """Each first-step graph holds its step graph's weights: loaded once, used by both sessions
+    in place (onnxruntime's add_initializer), with results equal to separate copies. The tiny
+    model's weights are below the size threshold: lowered here so that all of them are shared."""
+    import onnx
+
+    from vaeinfer import onnx_scan, runtime
+
+    module, path = exported["wan21"]
+    data = (path / "decoder.onnx").read_bytes()
+    want = {t.name: (t.data_type, tuple(t.dims), t.raw_data) for t in onnx.load_from_string(data).graph.initializer}
+    got = {t.name: (t.data_type, t.dims, data[t.start:t.end]) for t in onnx_scan.initializers(data)}
+    assert got == want and len(got) > 10
+    monkeypatch.setattr(runtime, "SHARED_MIN_BYTES", 1)
+    shared = vaeinfer.load(path, device="cpu", threads=1)
+    for first, step in (("decoder_first", "decoder"), ("encoder_first", "encoder")):
+        ptrs = [{v.data_ptr() for v in shared._graphs[r].runner.session.shared_weights} for r in (first, step)]
+        assert len(ptrs[0]) > 10 and ptrs[0] == ptrs[1]
+    monkeypatch.setattr(runtime, "shared_weights", lambda *_: {})
+    separate = vaeinfer.load(path, device="cpu", threads=1)
+    assert not any(g.runner.session.shared_weights for g in separate._graphs.values())
+    z = _latents(module, 2, 3, 3, 2)
+    x = clips(2, 9, 8, 12, seed=5)
+    assert np.array_equal(shared.decode(z), separate.decode(z))
+    a, b = shared.encode(x), separate.encode(x)
+    assert np.array_equal(a.mean, b.mean) and np.array_equal(a.logvar, b.logvar)
+
+
 _STEP_PEAKS = textwrap.dedent("""
     import json, sys
     import numpy as np
