@@ -233,7 +233,7 @@ class OrtBackend:
             return self.providers(device, capture=capture, precision=precision, spec=spec, graph=graph)
 
         session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None,
-                                 **({} if arena is True else {"arena": arena}), weights=weights)
+                                 **({} if arena is True else {"arena": arena}), **({"weights": weights} if weights else {}))
         return OrtRunner(session, (self.binding, device.index))
 
 
