@@ -561,7 +561,7 @@ def shared_weights(graph_bytes: dict[str, bytes], groups) -> dict[str, dict[str,
             alike: list[tuple[np.ndarray, list[str]]] = []  # distinct contents under this name, and their roles
             for role, t in places:
                 raw = np.frombuffer(graph_bytes[role], np.uint8, t.end - t.start, t.start)
-                same = next((roles for first, roles in alike if np.array_equal(first, raw)), None)
+                same = next((holders for first, holders in alike if np.array_equal(first, raw)), None)
                 if same is None:
                     alike.append((raw, [role]))
                 else:
