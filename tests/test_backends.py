@@ -4,6 +4,7 @@ onnxruntime (onnx's numpy reference evaluator) running a bundle end to end as on
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import vaeinfer
 from vaeinfer import backends, session
 from vaeinfer.backends import Backend, Device, Port, Runner, parse_device
+from vaeinfer.bundle import open_bundle
 from vaeinfer.errors import BackendError, UnknownBackendError
 
 HERE = Path(__file__).resolve().parent.parent / "vaeinfer"
@@ -216,3 +218,14 @@ def test_precisions_a_backend_does_not_run(reference_backend, mlp):
 def test_runners_are_runners(mlp):
     m = vaeinfer.load(mlp.bundle, device="cpu", threads=1)
     assert all(isinstance(g.runner, Runner) for g in m._graphs.values())
+
+
+def test_sessions_keep_no_copy_of_the_graph_bytes(mlp):
+    """onnxruntime's Python session would hold the bytes it was made from (for its provider
+    fallback) beside its own weights: every graph in memory twice."""
+    data = open_bundle(mlp.bundle).read_graph("decoder")
+    before = sys.getrefcount(data)
+    runner = backends.get("cpu").make_runner(data, Device("cpu"), threads=1, what="decoder")
+    assert sys.getrefcount(data) == before
+    z = np.zeros((1, *runner.inputs()[0].shape[1:]), np.float32)
+    assert runner.run([runner.outputs()[0].name], {runner.inputs()[0].name: z})[0].shape[0] == 1

@@ -159,6 +159,22 @@ def test_bundle_without_prior_refuses_sample_but_encodes_and_decodes(no_prior):
         model.decode(np.zeros((1, 3, 3), np.float32))
 
 
+def test_roles_bring_their_companions_and_a_left_out_prior_is_not_a_missing_one(conditional):
+    """load(roles=...): the prior brings its cached sampling graphs; a model loaded without the
+    prior still says the bundle has one, and sampling says how to load it (never "no prior")."""
+    _, model, images = conditional
+    sampler = vaeinfer.load(model.bundle.path, device="cpu", threads=1, roles=("prior", "decoder"))
+    assert sampler.info.roles == ("decoder", "prior", "prior_row", "prior_step")
+    np.testing.assert_array_equal(sampler.sample_codes(3, seed=1, label=2), model.sample_codes(3, seed=1, label=2))
+    coder = vaeinfer.load(model.bundle.path, device="cpu", threads=1, roles=("encoder", "decoder"))
+    assert coder.info.roles == ("encoder", "decoder") and coder.info.has_prior and coder.can_sample
+    np.testing.assert_array_equal(coder.reconstruct(images[:4]), model.reconstruct(images[:4]))
+    with pytest.raises(ValueError, match=r"its prior graph is not loaded .*roles including 'prior'"):
+        coder.sample(2, label=1)
+    with pytest.raises(ValueError, match=r"its prior_step graph is not loaded .*roles including 'prior'"):
+        coder.graph("prior_step")
+
+
 def test_cli_samples_with_labels_and_refuses_vq_flags_on_a_vae(conditional, tmp_path):
     _, model, _ = conditional
     runner = CliRunner()

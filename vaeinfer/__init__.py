@@ -24,7 +24,7 @@ __all__ = ["load", "available_models", "DEFAULT_MODEL", "Posterior", "Codes", "S
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads: int | None = None,
          precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-         isolate: bool = False, backend: str | None = None, max_error: float | None = None):
+         isolate: bool = False, backend: str | None = None, max_error: float | None = None, roles=None):
     """Load a bundle: the name of a bundled model (see `available_models()`) or a bundle directory.
 
     device: "auto" (CUDA when a session really binds it, else CPU; `info.device` says which),
@@ -54,6 +54,14 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
         created, one tiny batch run); if onnxruntime crashes there, or runs past
         `vaeinfer._probe.TIMEOUT` (120 s), BundleError here instead of a dead or hung app. Costs
         one process start and one extra session creation per graph.
+    roles: the graphs to load, by role ("decoder", "encoder", "prior"; `info.roles` lists what
+        was loaded): None (the default) loads every graph of the bundle; ("decoder",) makes a
+        decode-only model, ("encoder",) an encode-only one, in the memory of those graphs alone.
+        A role brings the graphs that run with it (a video VAE's decoder its first-step graph, a
+        VQ-VAE's prior its cached sampling graphs). Every graph file is still read and checked
+        (sha256, scan) here, loaded or not, so a bad bundle fails at load whatever the roles; a
+        call that needs a graph left out raises ValueError saying how to load it. Graphs are
+        never loaded later: what runs is what was checked at load, whatever happens on disk.
     Returns the runtime class of the bundle's kind (`vaeinfer.kinds`): `vaeinfer.vae.VAE`,
     `vaeinfer.vqvae.VQVAE`, ...; all are safe to share between threads.
     """
@@ -73,4 +81,4 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", threads
 
     cls = kinds.get(bundle.manifest.kind).runtime_class()
     return cls(bundle, device, threads, precision, verify, cuda_graph=cuda_graph, io_binding=io_binding,
-               backend=backend, max_error=max_error)
+               backend=backend, max_error=max_error, roles=roles)

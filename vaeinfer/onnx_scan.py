@@ -264,3 +264,56 @@ def scan(data: bytes, what: str = "graph") -> Scan:
     except RecursionError:  # cannot happen with MAX_DEPTH this small; kept so no other type escapes
         raise BundleError(f"{what}: refused: nesting too deep") from None
     return Scan(frozenset(scanner.ops), frozenset(scanner.domains), scanner.nodes)
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """A top-level initializer whose values are stored as raw bytes: where they lie in the graph's bytes."""
+
+    name: str
+    data_type: int  # TensorProto.DataType: 1 float, 10 float16, 2 uint8, 3 int8, ...
+    dims: tuple[int, ...]
+    start: int  # raw_data's first byte in the graph's bytes
+    end: int
+
+
+def initializers(data: bytes) -> list[Initializer]:
+    """The main graph's initializers held as raw_data (TensorProto fields: dims 1, data_type 2,
+    name 8, raw_data 9), for graphs that already passed `scan`. Tensors stored any other way
+    (typed value fields, segments, external data) are left out, and so is everything on malformed
+    bytes: the list is what may be shared, never a check."""
+    r, out = _Reader(data), []
+    try:
+        for number, wire, value, _ in r.fields_of(0, len(r.buf)):
+            if number == 7 and wire == _LEN:
+                for g_number, g_wire, g_value, _ in r.fields_of(*value):
+                    if g_number == 5 and g_wire == _LEN:
+                        tensor = _initializer(r, g_value)
+                        if tensor is not None:
+                            out.append(tensor)
+    except (_Malformed, _Refused):
+        return []
+    return out
+
+
+def _initializer(r: _Reader, span) -> Initializer | None:
+    name, data_type, dims, raw = None, 0, [], None
+    for number, wire, value, _ in r.fields_of(*span):
+        if number == 1 and wire == _VARINT:
+            dims.append(value)
+        elif number == 1 and wire == _LEN:  # packed dims
+            pos, end = value
+            while pos < end:
+                d, pos = r.varint(pos, end)
+                dims.append(d)
+        elif number == 2 and wire == _VARINT:
+            data_type = value
+        elif number == 8 and wire == _LEN:
+            name = r.string(value, "an initializer name")
+        elif number == 9 and wire == _LEN:
+            raw = value
+        elif number in (3, 4, 5, 6, 7, 10, 11, 13, 14):  # segment, typed values, external data
+            return None
+    if name is None or raw is None or any(d >= 1 << 62 for d in dims):
+        return None
+    return Initializer(name, data_type, tuple(dims), *raw)

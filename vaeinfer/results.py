@@ -81,3 +81,5 @@ class ModelInfo:
     cuda_graph: tuple[int, ...] = ()  # batch sizes replayed as captured CUDA graphs (empty: none)
     # precision="auto": per graph {"choice": {batch: "backend/precision"}, "errors", "max_error", "why", "cached"}
     auto: dict | None = None
+    # the graphs loaded (`vaeinfer.load(roles=...)`; every graph of the bundle unless asked otherwise)
+    roles: tuple[str, ...] = ()

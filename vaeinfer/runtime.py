@@ -323,12 +323,14 @@ def check_finite(a: np.ndarray, what: str) -> None:
 
 
 class Model:
-    """A loaded bundle: one `Graph` per role, all on one device, run by one backend."""
+    """A loaded bundle: one `Graph` per role it loaded (`roles`: every role of the bundle unless
+    `vaeinfer.load(roles=...)` named some), all on one device, run by one backend."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  precision: str = "fp32", verify: bool = True, cuda_graph=False, io_binding: bool | None = None,
-                 backend: str | None = None, max_error: float | None = None):
+                 backend: str | None = None, max_error: float | None = None, roles=None):
         self.bundle, self.manifest = bundle, bundle.manifest
+        self.roles = load_roles(self.manifest, roles)
         dev = parse_device(device, backend)
         if precision == precisions.AUTO:
             self._load_auto(dev, backend, threads, verify, cuda_graph, io_binding, max_error)
@@ -345,34 +347,48 @@ class Model:
                 raise ValueError(f"cuda_graph needs a backend that captures graphs ({capture}); "
                                  f"got device {str(device)!r}, backend {dev.backend!r}")
             buckets = ()  # "auto" on a machine without one: no graphs to capture, no padding
-        graph_bytes = {role: bundle.read_graph(role, precision, verify) for role in self.manifest.specs()}
+        graph_bytes = {}
+        for role in self.manifest.specs():  # every graph read and checked, loaded or not
+            data = bundle.read_graph(role, precision, verify)
+            if role in self.roles:
+                graph_bytes[role] = data
+        del data
         try:
-            self._graphs = self._sessions(graph_bytes, dev, threads, precision, buckets, io_binding)
+            graphs = self._sessions(graph_bytes, dev, threads, precision, buckets, io_binding)
         except BackendError:
             if not dev.auto:
                 raise
             dev = fallback()
-            self._graphs = self._sessions(graph_bytes, dev, threads, precision, (), io_binding)
+            graphs = self._sessions(graph_bytes, dev, threads, precision, (), io_binding)
+        self._graphs = Graphs(graphs, self.manifest)
         m = self.manifest
         self.info = ModelInfo(
             name=m.name, kind=m.kind, format_version=m.format_version, image_shape=m.image,
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
             backend=dev.backend, providers=next(iter(self._graphs.values())).runner.providers, precision=precision,
-            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in m.specs(),
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for f in m.files(precision).values()}, path=str(bundle.path),
             cuda_graph=next(iter(self._graphs.values())).buckets
             if all(g.cuda_graph for g in self._graphs.values()) else (),
+            roles=self.roles,
         )
 
     def _sessions(self, graph_bytes: dict[str, bytes], device: Device, threads, precision: str = "fp32",
                   buckets=(), io_binding: bool | None = None) -> dict[str, Graph]:
+        from vaeinfer import kinds
+
         specs = self.manifest.specs()
-        return {role: self._graph(role, specs[role], data, device, threads, precision, buckets, io_binding)
+        weights = {}
+        if device.entry.shared_weights:  # one copy of the weights that graphs running together hold alike
+            groups = [(role, *others) for role, others in kinds.get(self.manifest.kind).companions.items()]
+            weights = shared_weights(graph_bytes, groups)
+        return {role: self._graph(role, specs[role], data, device, threads, precision, buckets, io_binding,
+                                  weights.get(role))
                 for role, data in graph_bytes.items()}
 
     def _graph(self, role: str, spec: GraphSpec, data: bytes, device: Device, threads, precision: str,
-               buckets=(), io_binding: bool | None = None) -> Graph:
+               buckets=(), io_binding: bool | None = None, weights: dict | None = None) -> Graph:
         backend = device.entry
         if precision not in backend.precisions:
             raise BackendError(f"{backend.title} (backend {backend.name!r}) runs precisions {backend.precisions}, "
@@ -383,13 +399,16 @@ class Model:
         what = f"{self.manifest.name}/{role}"
         role_buckets = buckets if spec.batch_buckets else ()
         arena = {} if self.host_arena is True else {"arena": self.host_arena}
+        if weights:
+            arena["weights"] = weights
         runner = backend.make_runner(data, device, threads=threads, what=what, precision=precision, spec=spec,
                                      capture=bool(role_buckets), **arena)
 
         def serial():
             return backend.make_runner(data, device, threads=1, what=what, precision=precision, spec=spec, **arena)
 
-        return Graph(runner, spec, what, device, role_buckets, bound, workers, serial)
+        # `serial` holds the graph's bytes for as long as the Graph lives: only where chunks may run
+        return Graph(runner, spec, what, device, role_buckets, bound, workers, serial if self.parallel_chunks else None)
 
     def _load_auto(self, dev: Device, backend: str | None, threads, verify: bool, cuda_graph, io_binding,
                    max_error) -> None:
@@ -415,6 +434,12 @@ class Model:
             return data[role, p]
 
         for role, spec in m.specs().items():
+            if role not in self.roles:  # not loaded: its files are read and checked all the same
+                for p in sorted({p for _, p in paths.values()}):
+                    if role in m.files(p):
+                        graph_bytes(role, p)
+                        del data[role, p]
+                continue
             if not spec.variants:  # e.g. a VQ prior's cached step graphs: fp32 on the reference backend
                 self._graphs[role] = self._graph(role, spec, graph_bytes(role, precisions.REFERENCE), dev, threads,
                                                    precisions.REFERENCE, (), io_binding)
@@ -449,6 +474,7 @@ class Model:
             chosen = {label: graphs[label] for label in sorted(set(decision.choice.values()))}
             self._graphs[role] = ChoosingGraph(chosen, decision)
             decisions[role] = decision
+        self._graphs = Graphs(self._graphs, m)
         first = next(iter(self._graphs.values()))
         used = sorted({label for d in decisions.values() for label in d.choice.values()})
         self.info = ModelInfo(
@@ -456,26 +482,33 @@ class Model:
             value_range=m.value_range, latent=dict(m.latent), likelihood=dict(m.likelihood), device=str(dev),
             backend="+".join(sorted({label.split("/")[0] for label in used})) or dev.backend,
             providers=first.runner.providers, precision=precisions.AUTO,
-            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in self._graphs,
+            precisions=(precisions.REFERENCE, *sorted(m.variants)), threads=threads, has_prior="prior" in m.specs(),
             num_classes=None if m.prior is None else m.prior["num_classes"],
             files={f.file: f.sha256 for p in {paths[label][1] for label in used} | {precisions.REFERENCE}
                    for f in m.files(p).values()},
             path=str(self.bundle.path),
             auto={role: {"choice": {str(b): label for b, label in d.choice.items()}, "errors": d.errors, "peaks": d.peaks,
                          "max_error": d.max_error, "why": d.why(), "cached": d.cached} for role, d in decisions.items()},
+            roles=self.roles,
         )
 
     can_sample = True  # whether `sample` can run (a kind may need a graph the bundle lacks)
     # the host memory arena of its graphs (make_runner's `arena`): True keeps each graph's working
-    # memory between calls (fastest); False gives it back after each call (a kind whose calls must
-    # not add up, e.g. a video decoder's steps)
+    # memory between calls (fastest); False gives it back after each call and plans no memory
+    # pattern, so every call peaks alike (a kind whose calls must not add up, e.g. a video
+    # decoder's steps)
     host_arena: bool | str = True
+    # whether a large CPU batch may run as parallel single-threaded chunks (`Graph`), for which
+    # each graph keeps its bytes to make its single-threaded session on first use. False: one
+    # call per batch, no bytes kept (a kind whose graphs are large and whose calls must not add
+    # up: parallel chunks would hold several chunks' working memory at once)
+    parallel_chunks: bool = True
 
     def graph(self, role: str) -> Graph:
         """The runtime graph for a role ("encoder", "decoder", "prior"): `run`, `mode`, `trial_timings`."""
-        if role not in self._graphs:
-            raise ValueError(f"{self.info.name} has graphs {sorted(self._graphs)}, not {role!r}")
-        return self._graphs[role]
+        if role not in self.manifest.specs():
+            raise ValueError(f"{self.info.name} has graphs {sorted(self.manifest.specs())}, not {role!r}")
+        return self._graphs[role]  # ValueError if loaded without it (roles=)
 
     def execution_modes(self) -> dict[str, str | None]:
         """How each graph runs large CPU batches: "intra" (one multi-threaded call), "chunks"
@@ -499,6 +532,87 @@ class Model:
 
     def __repr__(self):
         return f"<vaeinfer {self.info.kind} {self.info.name!r} on {self.info.device} ({self.info.precision})>"
+
+
+# TensorProto data types whose raw bytes a graph may share with another: float, float16, uint8, int8
+_SHARED_DTYPES = {1: "<f4", 10: "<f2", 2: "u1", 3: "i1"}
+SHARED_MIN_BYTES = 1 << 16  # smaller initializers stay each graph's own (shape constants and the like)
+
+
+def shared_weights(graph_bytes: dict[str, bytes], groups) -> dict[str, dict[str, np.ndarray]]:
+    """role -> {initializer name: array}: the large initializers that graphs of one group (roles
+    whose graphs run together, `Kind.companions`) hold alike, with the same name, type, shape and
+    bytes, as one array each, for a backend with `shared_weights` to run every such graph on
+    instead of a copy per graph. A video VAE's first-step graphs hold all of their step graphs'
+    weights: 272 of the Wan 2.1 decoder's 279 MiB."""
+    from vaeinfer import onnx_scan
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for group in groups:
+        roles = [r for r in group if r in graph_bytes]
+        found: dict[tuple, list] = {}
+        for role in roles if len(roles) > 1 else ():
+            for t in onnx_scan.initializers(graph_bytes[role]):
+                dtype = _SHARED_DTYPES.get(t.data_type)
+                size = t.end - t.start
+                if dtype and size >= SHARED_MIN_BYTES and size == int(np.prod(t.dims)) * np.dtype(dtype).itemsize:
+                    found.setdefault((t.name, dtype, t.dims), []).append((role, t))
+        for (name, dtype, dims), places in found.items():
+            alike: list[tuple[np.ndarray, list[str]]] = []  # distinct contents under this name, and their roles
+            for role, t in places:
+                raw = np.frombuffer(graph_bytes[role], np.uint8, t.end - t.start, t.start)
+                same = next((holders for first, holders in alike if np.array_equal(first, raw)), None)
+                if same is None:
+                    alike.append((raw, [role]))
+                else:
+                    same.append(role)
+            for raw, holders in alike:
+                if len(holders) > 1:
+                    array = raw.view(dtype).reshape(dims).copy()  # the graph bytes go after loading
+                    for role in holders:
+                        out.setdefault(role, {})[name] = array
+    return out
+
+
+def load_roles(manifest, roles) -> tuple[str, ...]:
+    """The roles whose graphs `vaeinfer.load(roles=...)` loads, in the bundle's order: every one
+    for None; else the roles named (a string or several) and their kind's companions
+    (`Kind.companions`: a video decoder's first-step graph, a VQ prior's cached graphs)."""
+    specs = manifest.specs()
+    if roles is None:
+        return tuple(specs)
+    asked = (roles,) if isinstance(roles, str) else tuple(roles)
+    unknown = [r for r in asked if r not in specs]
+    if unknown or not asked:
+        raise ValueError(f"roles: expected some of {manifest.name}'s graphs {list(specs)} (or None for all), "
+                         f"got {list(asked) if not unknown else unknown}")
+    from vaeinfer import kinds
+
+    wanted = set(asked)
+    for role, companions in kinds.get(manifest.kind).companions.items():
+        group = {role, *companions}
+        if wanted & group:
+            wanted |= group
+    return tuple(r for r in specs if r in wanted)
+
+
+class Graphs(dict):
+    """role -> Graph for the roles a model loaded. A role of the bundle that was not loaded
+    (`vaeinfer.load(roles=...)`) raises ValueError saying how to load it; any other KeyError."""
+
+    def __init__(self, graphs: dict, manifest):
+        super().__init__(graphs)
+        self._manifest = manifest
+
+    def __missing__(self, role):
+        m = self._manifest
+        if role not in m.specs():
+            raise KeyError(role)
+        from vaeinfer import kinds
+
+        main = next((r for r, others in kinds.get(m.kind).companions.items() if role in others), role)
+        raise ValueError(f"{m.name}: its {role} graph is not loaded (this model was loaded with roles={tuple(self)}); "
+                         f"load it with roles including {main!r}, or roles=None for every graph")
 
 
 class ChoosingGraph:

@@ -56,6 +56,14 @@ def session_options(threads: int | None, arena: bool | str = True):
     # arena=False: host memory goes back after each run instead of staying in the session's arena;
     # arena="shared": the process's one shared arena (see _shared_arena)
     opts.enable_cpu_mem_arena = bool(arena)
+    if arena is False:
+        # and no memory pattern: from a shape's second run on, onnxruntime would put all of a run's
+        # intermediate tensors in one block laid out by its first run, with gaps between them. On
+        # a Wan 2.1 decoder step (256x256) that block held 0.7 GiB more than the tensors alive at
+        # once: every step after the first peaked 17% higher, so a clip of two latent frames (one
+        # step) peaked lower than a longer one. Allocated tensor by tensor, a step peaks at what
+        # is alive at once, the same every step (at ~5% more CPU time: freshly mapped pages).
+        opts.enable_mem_pattern = False
     if arena == "shared":
         _shared_arena(ort)
         opts.add_session_config_entry("session.use_env_allocators", "1")
@@ -77,23 +85,29 @@ def session_options(threads: int | None, arena: bool | str = True):
 
 
 def create_session(model: bytes, device, threads: int | None, what: str, providers: list,
-                   uncaptured: list | None = None, arena: bool | str = True):
+                   uncaptured: list | None = None, arena: bool | str = True, weights: dict | None = None):
     """An InferenceSession for ONNX bytes with `providers` (onnxruntime's list: names or (name,
     options) pairs, the one that must bind first), or BackendError / BundleError saying why not.
     `device` (a vaeinfer Device) names the backend in messages. `uncaptured`, given when
     `providers` turn graph capture on: the list to retry with when the graph cannot be captured
     (some node not on the provider); `session.captured` (an attribute set here) says which.
+    `weights`: {initializer name: host array} the session runs on instead of its own copies
+    (onnxruntime's add_initializer: the arrays are used in place, and kept alive by the session).
     """
     ort = _ort()
     entry = device.entry
     provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if provider not in ort.get_available_providers():
         raise entry.unavailable(device, f"this onnxruntime has {ort.get_available_providers()}")
+    opts = session_options(threads, arena)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (weights or {}).values()]
+    for name, value in zip(weights or {}, values):
+        opts.add_initializer(name, value)
     try:
-        session = ort.InferenceSession(model, sess_options=session_options(threads, arena), providers=providers)
+        session = ort.InferenceSession(model, sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
         if uncaptured is not None and "graph" in str(e).lower():
-            return create_session(model, device, threads, what, uncaptured, arena=arena)
+            return create_session(model, device, threads, what, uncaptured, arena=arena, weights=weights)
         if provider != CPU and any(k in str(e) for k in (provider.removesuffix("ExecutionProvider"), "CUDA")):
             raise BackendError(f"{what}: {entry.title} failed to start on {device}: {e}") from None
         raise BundleError(f"{what}: onnxruntime cannot load this graph: {str(e)[:500]}") from None
@@ -101,6 +115,13 @@ def create_session(model: bytes, device, threads: int | None, what: str, provide
         raise BackendError(f"{what}: asked for {device} ({entry.title}) but onnxruntime bound "
                            f"{session.get_providers()} (is a CUDA driver and cuDNN 9 visible to this process?)")
     session.captured = uncaptured is not None
+    session.shared_weights = values  # must outlive the session (each keeps its array alive)
+    # onnxruntime's Python session keeps the bytes it was made from for as long as it lives, to
+    # re-create itself on another provider (its fallback, which vaeinfer refuses: a failing
+    # provider raises): a second copy of every weight, 1 GiB for a Wan 2.1 VAE's four graphs
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
     return session
 
 
@@ -211,12 +232,12 @@ class OrtBackend:
         self.providers, self.binding = providers, binding
 
     def __call__(self, graph: bytes, device, *, threads: int | None, what: str, precision: str = "fp32",
-                 spec=None, capture: bool = False, arena: bool | str = True) -> OrtRunner:
+                 spec=None, capture: bool = False, arena: bool | str = True, weights: dict | None = None) -> OrtRunner:
         def providers(capture):
             return self.providers(device, capture=capture, precision=precision, spec=spec, graph=graph)
 
         session = create_session(graph, device, threads, what, providers(capture), providers(False) if capture else None,
-                                 **({} if arena is True else {"arena": arena}))
+                                 **({} if arena is True else {"arena": arena}), **({"weights": weights} if weights else {}))
         return OrtRunner(session, (self.binding, device.index))
 
 

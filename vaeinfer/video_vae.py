@@ -70,9 +70,11 @@ class VideoVAE(Model):
 
     Memory stays constant in the clip's length: each step's working memory is given back after
     the step (no host arena keeping the largest step's buffers, and glibc's large-block threshold
-    fixed: vaeinfer.host_memory), so only the caches and one step are ever alive."""
+    fixed: vaeinfer.host_memory), so only the caches and one step are ever alive; and every step
+    peaks alike (no memory pattern laying a run's tensors out with gaps from the second run on)."""
 
     host_arena = False
+    parallel_chunks = False
 
     def __init__(self, *args, **kwargs):
         host_memory.bounded_malloc()

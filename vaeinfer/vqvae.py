@@ -51,7 +51,7 @@ class VQVAE(Model):
     @property
     def can_sample(self) -> bool:
         """Only with a prior graph: the codes are sampled from it."""
-        return "prior" in self._graphs
+        return "prior" in self.manifest.specs()
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -81,10 +81,10 @@ class VQVAE(Model):
         return self.decode(self.encode(x, batch_size), batch_size)
 
     def _prior(self):
-        if "prior" not in self._graphs:
+        if "prior" not in self.manifest.specs():
             raise BundleError(f"{self.manifest.name}: this VQ-VAE bundle has no prior, so it cannot sample "
                               "(encode/decode/reconstruct work); train one with `vaeinfer train-prior RUN` and re-export")
-        return self._graphs["prior"]
+        return self._graphs["prior"]  # ValueError if loaded without it (roles=)
 
     def _labels(self, label, n: int, rng: np.random.Generator) -> np.ndarray | None:
         classes = self.manifest.prior["num_classes"]

@@ -74,8 +74,10 @@ class Backend:
     is_available: Callable[[], bool]  # cheap: can this process make runners (no graph loaded)
     # (graph bytes, Device, *, threads, what, precision, spec, capture, arena) -> Runner; BackendError if
     # it cannot run here, BundleError if the graph is refused; capture: try graph capture (if declared);
-    # arena=False: give host memory back after each run, "shared": one host arena for all such runners
-    # (a backend without a host arena ignores it)
+    # arena=False: give host memory back after each run and peak at what is alive at once (no
+    # arena, no memory pattern: a run's peak is the same on every call), "shared": one host arena
+    # for all such runners (a backend without a host arena ignores it); weights (backends with
+    # `shared_weights` only): {initializer name: host array} to run on instead of the graph's own
     make_runner: Callable[..., Runner]
     indexed: bool = False  # device strings carry an index ("cuda:1")
     default: bool = False  # the backend a bare device string of its family picks
@@ -86,6 +88,9 @@ class Backend:
     graph_capture: bool = False  # can replay captured graphs for fixed batch buckets (`cuda_graph=`)
     precisions: tuple[str, ...] = ("fp32",)  # the bundle precisions it runs
     max_batch: int | None = None  # the most rows one call may take (larger batches run in chunks)
+    # runs a graph on host arrays given for some of its initializers, without copying them: graphs
+    # that hold the same weights (`vaeinfer.runtime.shared_weights`) keep one copy between them
+    shared_weights: bool = False
 
     def unavailable(self, device: Device | str, detail: str = "") -> BackendError:
         """The error for asking for this backend where it cannot run (`detail`: what was found instead)."""

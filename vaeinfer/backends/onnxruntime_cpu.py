@@ -17,5 +17,5 @@ BACKEND = register(Backend(
     install_hint="install 'vaeinfer[cpu]' (onnxruntime)",
     is_available=lambda: session.has_provider(PROVIDER), make_runner=session.OrtBackend(providers, "cpu"),
     default=True, auto=100, host_memory=True, host_threads=True, io_binding=True,
-    precisions=("fp32", "fp16", "int8"),
+    precisions=("fp32", "fp16", "int8"), shared_weights=True,
 ))

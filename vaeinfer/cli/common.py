@@ -109,8 +109,10 @@ def op_options(*params: Param):
     return decorate
 
 
-def _load(model, device, threads, precision):
-    return vaeinfer.load(model, device=device, threads=threads, precision=precision, **load_extras())
+def _load(model, device, threads, precision, roles=None):
+    """vaeinfer.load with the command's runtime options; `roles`: the graphs the command runs
+    (None: all; `encode` and `decode` load only their own half, in half the memory)."""
+    return vaeinfer.load(model, device=device, threads=threads, precision=precision, roles=roles, **load_extras())
 
 
 def _progress(total: int, label: str):

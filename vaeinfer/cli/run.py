@@ -85,7 +85,7 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
 def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile, max_memory, tile_mode):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents; a video model: one
     clip (a video file, a folder of frames, or a .npy/.npz of N, 3, T, H, W) to .npy (means) or .npz."""
-    m = _load(model, device, threads, precision)
+    m = _load(model, device, threads, precision, roles=("encoder",))
     if video.is_video_model(m):
         return video.encode(m, inputs, out, batch_size, scaled)
     _check_out(out, (".npz",))
@@ -119,7 +119,7 @@ def encode(model, device, threads, precision, inputs, out, batch_size, scaled, t
 def decode(model, device, threads, precision, latents, out, batch_size, scaled, tile, max_memory, tile_mode, fps):
     """Decode latents (.npz from `encode`: mean or z; codes for a VQ-VAE; or a .npy) to images; a
     video model's (N, c, T, h, w) to .mp4, .webm, .gif, a folder of PNGs (FOLDER/) or .npy/.npz."""
-    m = _load(model, device, threads, precision)
+    m = _load(model, device, threads, precision, roles=("decoder",))
     if not video.is_video_model(m):
         _check_out(out)
     arrays = image_io.load_arrays(latents)

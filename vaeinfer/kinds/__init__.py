@@ -25,7 +25,7 @@ a function holds a real import, not a module-name string, and runs on the first 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from vaeinfer.errors import BundleError
@@ -58,6 +58,9 @@ class Kind:
     # (Manifest, GraphSpec, rows, seed) -> {input name: array}: seeded inputs like the ones the graph
     # meets in use (precision="auto" measures its errors on them); None: spec.example_inputs
     example_feeds: Callable[..., dict] | None = None
+    # role -> the roles whose graphs run with it (`vaeinfer.load(roles=...)` loads them together):
+    # a video VAE's decoder with its first step's graph, a VQ-VAE's prior with its cached graphs
+    companions: dict = field(default_factory=dict)
 
 
 def register(kind: Kind) -> Kind:

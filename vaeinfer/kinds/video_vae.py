@@ -156,5 +156,5 @@ KIND = register(Kind(
     name="video-vae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=lambda m: {},
     latent_keys=("z", "mean"), sample_options=("height", "width"), channels=(3,), likelihoods=("gaussian",), scale_optional=True,
-    parse_image=parse_image, example_feeds=example_feeds,
+    parse_image=parse_image, example_feeds=example_feeds, companions={role: (first,) for role, first in FIRST.items()},
 ))

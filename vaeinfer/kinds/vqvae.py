@@ -133,4 +133,5 @@ KIND = register(Kind(
     name="vqvae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=_limits,
     latent_keys=("codes",), sample_options=("top_k", "top_p", "label"), parse_prior=parse_prior,
+    companions={"prior": STEP_ROLES},
 ))
