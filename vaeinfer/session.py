@@ -56,21 +56,19 @@ def session_options(threads: int | None, arena: bool | str = True):
     # arena=False: host memory goes back after each run instead of staying in the session's arena;
     # arena="shared": the process's one shared arena (see _shared_arena)
     opts.enable_cpu_mem_arena = bool(arena)
-    if arena is False:
-        # and no memory pattern: from a shape's second run on, onnxruntime would put all of a run's
-        # intermediate tensors in one block laid out by its first run, with gaps between them. On
-        # a Wan 2.1 decoder step (256x256) that block held 0.7 GiB more than the tensors alive at
-        # once: every step after the first peaked 17% higher, so a clip of two latent frames (one
-        # step) peaked lower than a longer one. Allocated tensor by tensor, a step peaks at what
-        # is alive at once, the same every step (at ~5% more CPU time: freshly mapped pages).
+    if arena is not True:
+        # memory that must stay bounded: no memory pattern. From a shape's second run on,
+        # onnxruntime would put all of a run's intermediate tensors in one block laid out by its
+        # first run, with gaps between them. Without an arena (video steps): on a Wan 2.1 decoder
+        # step (256x256) that block held 0.7 GiB more than the tensors alive at once, so every
+        # step after the first peaked 17% higher (allocated tensor by tensor, a step peaks at what
+        # is alive at once, at ~5% more CPU time: freshly mapped pages). In the shared arena
+        # (exact tiling's stages): the blocks its first run freed could not serve that one block,
+        # so the arena grew again (the attention graph's 2 x 256 MiB by another 512 MiB).
         opts.enable_mem_pattern = False
     if arena == "shared":
         _shared_arena(ort)
         opts.add_session_config_entry("session.use_env_allocators", "1")
-        # no memory pattern: from its second run a session would ask the arena for all its
-        # intermediates as one block, which the blocks its first run freed cannot serve (measured:
-        # the attention graph's 2 x 256 MiB grew the arena by another 512 MiB)
-        opts.enable_mem_pattern = False
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
