@@ -11,7 +11,9 @@ seeded latent (1, 16, T, 32, 32) (256x256 frames, 1 + 4 (T - 1) of them) in a fr
 reports its peak resident set size (harness.memory: VmHWM) and the wall time of the decode after
 one warm-up decode of a 1-latent-frame clip (a first call's setup is not per-frame cost).
 
-Paths: vaeinfer decode (onnxruntime CPU, fp32, the frames kept: the whole clip is the output);
+Paths: vaeinfer decode (onnxruntime CPU, fp32, the decoder's graphs only (`roles=("decoder",)`, as
+`vaeinfer decode` loads them), the frames kept: the whole clip is the output); vaeinfer-bf16 (the
+same on OpenVINO in bf16);
 vaeinfer decode_stream (the frames dropped as they come: what a video writer does); diffusers
 eager fp32; diffusers bf16 autocast; diffusers fp32 with enable_tiling() and with tiling under bf16
 autocast. The error of each path is against diffusers fp32 (the reference clip, saved by the
@@ -54,8 +56,10 @@ def child(path: str, model_dir: str, bundle: str, t: int, side: int, threads: in
     if path.startswith("vaeinfer"):
         import vaeinfer
 
-        # vaeinfer-bf16: the fp32 step graphs in bf16 on the backend that has it (OpenVINO)
-        m = vaeinfer.load(bundle, threads=threads, precision="bf16" if path == "vaeinfer-bf16" else "fp32")
+        # decode-only (as `vaeinfer decode` loads it); vaeinfer-bf16: the fp32 step graphs in bf16 on
+        # the backend that has it (OpenVINO)
+        m = vaeinfer.load(bundle, threads=threads, precision="bf16" if path == "vaeinfer-bf16" else "fp32",
+                          roles=("decoder",))
         m.decode(z[:, :, :1])  # warm-up
         after_load = memory.peak_rss_mib()
         t0 = time.perf_counter()
