@@ -300,11 +300,19 @@ def _parse_step(s, w: str, channels: dict) -> Step:
 
 # --- activations: in memory or in a file -------------------------------------------------------
 
-def _by_channels(pool: ThreadPoolExecutor | None, fn, c0: int, c1: int) -> list:
+class _Pool(ThreadPoolExecutor):
+    """The threads of one run, and how many (what `_by_channels` splits by)."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers, thread_name_prefix="vaeinfer-exact")
+        self.workers = workers
+
+
+def _by_channels(pool: _Pool | None, fn, c0: int, c1: int) -> list:
     """fn(a, b) over channel ranges splitting [c0, c1) between the pool's threads (the copies to
     and from spill files and the statistics are per channel: the same values however split; numpy
     and the syscalls release the GIL), in order."""
-    parts = pool._max_workers if pool is not None else 1
+    parts = pool.workers if pool is not None else 1
     if parts <= 1 or c1 - c0 < 2 * parts:
         return [fn(c0, c1)]
     step = -(-(c1 - c0) // parts)
@@ -335,7 +343,7 @@ class _Disk:
     buffer, written a channel at a time once the band is complete (the planner counts the
     buffer in the step's working memory, `_conv_work(..., spill_width=)`)."""
 
-    def __init__(self, shape, folder, pool: ThreadPoolExecutor | None = None):
+    def __init__(self, shape, folder, pool: _Pool | None = None):
         self.shape, self.pool = tuple(shape), pool
         self.fd, self.path = tempfile.mkstemp(suffix=".f32", dir=folder)
         self.band = None  # (n, y0, buffer (C, rows, W), columns written)
@@ -414,7 +422,7 @@ def _pwrite(fd, block: np.ndarray, offset: int) -> None:
 class _Stats:
     """Per-(image, channel) count, mean and M2 in float64, combined over tiles (Chan et al.)."""
 
-    def __init__(self, n: int, c: int, pool: ThreadPoolExecutor | None = None):
+    def __init__(self, n: int, c: int, pool: _Pool | None = None):
         self.pool = pool
         self.count = np.zeros((n, c))
         self.mean = np.zeros((n, c))
@@ -523,7 +531,7 @@ def _conv_work(step: Step, rows: int, cols: int, spill_width: int | None = None)
     return int((work + im2col) * ARENA) + band
 
 
-def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool, height: int = 0) -> int:
+def _attention_work(step: Step, width: int, q_rows: int, k_rows: int, kv_resident: bool, height: int) -> int:
     """Bytes of one (query chunk, key chunk) of the attention: the graph's scores, their
     exponentials and its arena; q, its output and the running combination; a chunk of k and v
     read from disk or copied from memory (none when all keys are in one resident chunk)."""
@@ -682,8 +690,6 @@ def _input_range(o0: int, o1: int, length_in: int, f: Fraction, halo: int) -> tu
     return max(0, math.floor(a) - halo), min(length_in, math.ceil(b) + halo)
 
 
-
-
 def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None, spill_dir=None,
         threads: int | None = None) -> list[np.ndarray]:
     """Run the plan `p` on `array` (the direction's input, (N, C, H, W) float32). `runner(graph)`
@@ -692,7 +698,7 @@ def run(direction: Direction, p: Plan, array: np.ndarray, runner, progress=None,
     (default: the CPU count, at most 8) share the statistics and the spill files' copies between
     the graph runs. Returns the direction's outputs (channel slices of the last step's output)."""
     workers = max(1, threads or min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="vaeinfer-exact") if workers > 1 else nullcontext() as pool:
+    with _Pool(workers) if workers > 1 else nullcontext() as pool:
         return _run(direction, p, array, runner, progress, spill_dir, pool)
 
 
