@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from vaeinfer.export import subpixel
 from vaeinfer.export.graphs import ExportError
 from vaeinfer.export.spatial_vae import BATCHES, SIZES, TOLERANCE, export_spatial_vae, smooth_images
 
@@ -220,6 +221,7 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
             path = _add_variants(path, precisions, calib, held, f"smooth synthetic clips of {calib.shape[2]} frames "
                                  f"{calib.shape[3]}x{calib.shape[4]} (vaeinfer.export.video_vae.variant_clips)", progress)
         return path
+    subpixel.install(module)  # its upsamplers traced as 2x2 convolutions; eager calls (validation) unchanged
     facts = _facts(module, cfg)
     encoder = facts.pop("encoder")
     native = int(cfg.get("sample_size") or 512)
