@@ -138,6 +138,29 @@ def test_spill_file_gathers_narrow_tiles_in_bands(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_tiles_are_stored_and_summed_group_by_group_on_threads(tmp_path, monkeypatch):
+    """_store: channel groups copied then summed while in cache, split between threads; the
+    statistics are those of the whole activation, in memory and in a spill file alike."""
+    monkeypatch.setattr(et, "GROUP_BYTES", 4 * 2 * 3)  # a channel or two per group
+    a = (np.random.default_rng(1).standard_normal((2, 7, 6, 10)) * 3 + 5).astype(np.float32)
+    ref = a.astype(np.float64)
+    with et._Pool(2) as pool:
+        for dst in (et._Memory(a.shape), et._Disk(a.shape, tmp_path, pool)):
+            acc = et._Stats(2, 7)
+            try:
+                for n in range(2):
+                    for y0, y1 in ((0, 4), (4, 6)):
+                        for x0, x1 in ((0, 3), (3, 10)):
+                            et._store(pool, dst, acc, n, y0, x0, a[n, :, y0:y1, x0:x1])
+                np.testing.assert_array_equal(dst.read(1, 0, 6, 0, 10), a[1])
+                np.testing.assert_allclose(acc.mean, ref.mean(axis=(2, 3)), rtol=1e-6)
+                np.testing.assert_allclose(acc.m2, ref.var(axis=(2, 3)) * 60, rtol=1e-5)
+                assert (acc.count == 60).all()
+            finally:
+                dst.close()
+    assert not list(tmp_path.iterdir())
+
+
 def test_bundle_without_stages_says_so(bundles, tmp_path):
     """A bundle of format 1.2 (before exact tiling): the stage graphs and the slot removed."""
     plain = tmp_path / "plain"

@@ -320,6 +320,9 @@ def _by_channels(pool: _Pool | None, fn, c0: int, c1: int) -> list:
 
 
 class _Memory:
+    """An (N, C, H, W) float32 array in memory. A tile is stored as `begin`, `put` for each of
+    its channel groups (from several threads), `end` (what `_store` does)."""
+
     def __init__(self, shape, array=None):
         self.a = np.empty(shape, np.float32) if array is None else array
         self.shape = self.a.shape
@@ -327,8 +330,20 @@ class _Memory:
     def read(self, n, y0, y1, x0, x1, c0=0, c1=None):
         return self.a[n, c0:c1, y0:y1, x0:x1]
 
+    def begin(self, n, y0, x0, c, h, w):
+        pass
+
+    def put(self, n, c0, y0, x0, part, scratch=None) -> np.ndarray:
+        """Store channels c0.. of a tile; returns where they now are (read again while in cache)."""
+        view = self.a[n, c0:c0 + part.shape[0], y0:y0 + part.shape[1], x0:x0 + part.shape[2]]
+        view[...] = part
+        return view
+
+    def end(self, n, y0, x0, h, w):
+        pass
+
     def write(self, n, y0, x0, block):
-        self.a[n, :, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
+        _store(None, self, None, n, y0, x0, block)
 
     def close(self):
         self.a = None
@@ -343,10 +358,13 @@ class _Disk:
     buffer, written a channel at a time once the band is complete (the planner counts the
     buffer in the step's working memory, `_conv_work(..., spill_width=)`)."""
 
-    def __init__(self, shape, folder, pool: _Pool | None = None):
+    def __init__(self, shape, folder, pool: _Pool | None = None, reuse: _Disk | None = None):
         self.shape, self.pool = tuple(shape), pool
-        self.fd, self.path = tempfile.mkstemp(suffix=".f32", dir=folder)
         self.band = None  # (n, y0, buffer (C, rows, W), columns written)
+        if reuse is not None:  # a freed file of the same shape, overwritten (its pages already cached)
+            self.fd, self.path, reuse.fd = reuse.fd, reuse.path, None
+            return
+        self.fd, self.path = tempfile.mkstemp(suffix=".f32", dir=folder)
         os.ftruncate(self.fd, 4 * math.prod(self.shape))
 
     def _offset(self, n, c, y, x):
@@ -370,27 +388,42 @@ class _Disk:
         _by_channels(self.pool, read, c0, c1)
         return out
 
-    def write(self, n, y0, x0, block):
-        C, h, w = block.shape
-        W = self.shape[3]
-        if x0 == 0 and w == W:
-            return self._write_rows(n, y0, block)
+    def begin(self, n, y0, x0, c, h, w):
+        if w == self.shape[3]:
+            return
         if self.band is None:
-            self.band = (n, y0, np.empty((C, h, W), np.float32), 0)
-        bn, by0, buf, filled = self.band
+            self.band = (n, y0, np.empty((c, h, self.shape[3]), np.float32), 0)
+        bn, by0, buf, _ = self.band
         if (bn, by0, buf.shape[1]) != (n, y0, h):
             raise RuntimeError(f"exact tiling: tile at row {y0} written before the band at row {by0} was complete")
-        buf[:, :, x0:x0 + w] = block
-        self.band = (bn, by0, buf, filled + w)
-        if filled + w == W:
-            self.band = None
-            self._write_rows(n, y0, buf)
 
-    def _write_rows(self, n, y0, block):
-        def write(a, b):
-            for c in range(a, b):
-                _pwrite(self.fd, np.ascontiguousarray(block[c]), self._offset(n, c, y0, 0))
-        _by_channels(self.pool, write, 0, block.shape[0])
+    def put(self, n, c0, y0, x0, part, scratch=None) -> np.ndarray:
+        """Full-width rows: copied to `scratch` (contiguous) and written; a narrower tile: into the band."""
+        if part.shape[2] != self.shape[3]:
+            view = self.band[2][c0:c0 + part.shape[0], :, x0:x0 + part.shape[2]]
+            view[...] = part
+            return view
+        buf = np.empty(part.shape, np.float32) if scratch is None else scratch[:part.shape[0]]
+        buf[...] = part
+        for j in range(part.shape[0]):
+            _pwrite(self.fd, buf[j], self._offset(n, c0 + j, y0, 0))
+        return buf
+
+    def end(self, n, y0, x0, h, w):
+        if self.band is None:
+            return
+        bn, by0, buf, filled = self.band
+        self.band = (bn, by0, buf, filled + w)
+        if filled + w == self.shape[3]:
+            self.band = None
+
+            def write(a, b):
+                for c in range(a, b):
+                    _pwrite(self.fd, buf[c], self._offset(n, c, y0, 0))
+            _by_channels(self.pool, write, 0, buf.shape[0])
+
+    def write(self, n, y0, x0, block):
+        _store(self.pool, self, None, n, y0, x0, block)
 
     def close(self):
         self.band = None
@@ -419,30 +452,61 @@ def _pwrite(fd, block: np.ndarray, offset: int) -> None:
 
 # --- GroupNorm statistics ---------------------------------------------------------------------
 
+def _moments(part: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel mean and M2 (float64) of `part` (c, h, w); scratch: a float32 buffer of its shape.
+    Rows summed in float32 (numpy's pairwise summation along the contiguous axis: error
+    ~eps log2(width)), rows and tiles combined in float64: as exact as a float64 sum, 3x faster."""
+    mean = part.sum(axis=2).sum(axis=1, dtype=np.float64) / (part.shape[1] * part.shape[2])
+    d = np.subtract(part, mean.astype(np.float32)[:, None, None], out=scratch)
+    np.square(d, out=d)
+    return mean, d.sum(axis=2).sum(axis=1, dtype=np.float64)
+
+
+# channels stored (and their statistics taken) in groups of about this many bytes: each group is
+# summed right after it is copied, while it is still in the CPU's cache (one pass over memory
+# instead of three)
+GROUP_BYTES = 1 << 20
+
+
+def _store(pool: _Pool | None, dst, acc, n: int, y0: int, x0: int, block: np.ndarray, adopted: bool = False) -> None:
+    """Store a tile `block` (C, h, w) of image n at (y0, x0) in `dst` (a _Memory or a _Disk) and add
+    it to the statistics `acc` (a _Stats, or None), channel group by channel group, the groups
+    split between the pool's threads. adopted: `block` already is dst's (statistics only)."""
+    c, h, w = block.shape
+    if c == 0 or h == 0 or w == 0:
+        return
+    g = max(1, GROUP_BYTES // (4 * h * w))
+    if not adopted:
+        dst.begin(n, y0, x0, c, h, w)
+
+    def groups(a, b):
+        copy = None if adopted else np.empty((min(g, b - a), h, w), np.float32)
+        scratch = None if acc is None else np.empty((min(g, b - a), h, w), np.float32)
+        out = []
+        for c0 in range(a, b, g):
+            part = block[c0:min(b, c0 + g)]
+            held = part if adopted else dst.put(n, c0, y0, x0, part, copy)
+            if acc is not None:
+                out.append(_moments(held, scratch[:part.shape[0]]))
+        return out
+    parts = _by_channels(pool, groups, 0, c)
+    if not adopted:
+        dst.end(n, y0, x0, h, w)
+    if acc is not None:
+        mean, m2 = (np.concatenate(v) for v in zip(*(m for p in parts for m in p)))
+        acc.combine(n, mean, m2, h * w)
+
+
 class _Stats:
     """Per-(image, channel) count, mean and M2 in float64, combined over tiles (Chan et al.)."""
 
-    def __init__(self, n: int, c: int, pool: _Pool | None = None):
-        self.pool = pool
+    def __init__(self, n: int, c: int):
         self.count = np.zeros((n, c))
         self.mean = np.zeros((n, c))
         self.m2 = np.zeros((n, c))
 
-    def add(self, i: int, block: np.ndarray) -> None:
-        cnt = block.shape[1] * block.shape[2]
-        if cnt == 0:
-            return
-
-        def moments(a, b):
-            # rows summed in float32 (numpy's pairwise summation along the contiguous axis: error
-            # ~eps log2(width)), rows and tiles combined in float64: as exact as a float64 sum, 3x faster
-            part = block[a:b]
-            mean = part.sum(axis=2).sum(axis=1, dtype=np.float64) / cnt
-            d = part - mean.astype(np.float32)[:, None, None]
-            np.square(d, out=d)
-            return mean, d.sum(axis=2).sum(axis=1, dtype=np.float64)
-        parts = _by_channels(self.pool, moments, 0, block.shape[0])
-        mean, m2 = (np.concatenate(v) for v in zip(*parts))
+    def combine(self, i: int, mean: np.ndarray, m2: np.ndarray, cnt: int) -> None:
+        """Add a tile's per channel mean and M2 over `cnt` pixels to image i's."""
         n_a = self.count[i]
         total = n_a + cnt
         delta = mean - self.mean[i]
@@ -712,31 +776,40 @@ def _run(direction, p, array, runner, progress, spill_dir, pool) -> list[np.ndar
     folder = None
     done = 0
     final = steps[-1].out
+    # what the last step freed: an array or a spill file of the right shape becomes this step's
+    # output (no fresh pages to fault in or to cache); the rest is released before the step runs
+    spare: list = []
     try:
         for i, (s, sp) in enumerate(zip(steps, p.steps)):
             shape = p.sizes[s.out]
-            if s.out == final:
-                dst = _Memory(shape)
-            elif s.out in p.disk:
+            on_disk = s.out in p.disk and s.out != final
+            same = next((st for st in spare if st.shape == shape and isinstance(st, _Disk if on_disk else _Memory)
+                         and (on_disk or st.a.flags.writeable)), None)
+            if on_disk:
                 if folder is None:
                     folder = tempfile.mkdtemp(prefix="vaeinfer-exact-", dir=spill_dir)
-                dst = _Disk(shape, folder, pool)
+                dst = _Disk(shape, folder, pool, same)
             else:
-                dst = _Memory(shape)
+                dst = _Memory(shape, None if same is None else same.a)
+            for st in spare:
+                st.close()
+            spare = []
             stores[s.out] = dst
-            acc = _Stats(shape[0], shape[1], pool) if s.out in stats_needed else None
+            acc = _Stats(shape[0], shape[1]) if s.out in stats_needed else None
             if s.type == "attention":
-                done = _attention(s, sp, stores[s.x], dst, acc, runner(s.graph), progress, done)
+                done = _attention(s, sp, stores[s.x], dst, acc, runner(s.graph), progress, done, pool)
             else:
-                done = _conv(s, sp, stores, dst, acc, stats, runner(s.graph), progress, done)
+                done = _conv(s, sp, stores, dst, acc, stats, runner(s.graph), progress, done, pool)
             if acc is not None:
                 stats[s.out] = acc
             for a in (s.x, s.skip):  # free what no later step reads
                 if a is not None and p.last_use.get(a) == i and a != direction.input:
-                    stores.pop(a).close()
+                    spare.append(stores.pop(a))
                     stats.pop(a, None)
         out = stores[final].a
     finally:
+        for st in spare:
+            st.close()
         for a, st in stores.items():
             if a not in (direction.input, final):
                 st.close()
@@ -751,7 +824,7 @@ def _run(direction, p, array, runner, progress, spill_dir, pool) -> list[np.ndar
     return parts
 
 
-def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, done) -> int:
+def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, done, pool=None) -> int:
     src, skip = stores[s.x], (stores[s.skip] if s.skip else None)
     n_img, _, hin, win = src.shape
     _, _, oh, ow = dst.shape
@@ -776,19 +849,17 @@ def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, d
                     raise BundleError(f"exact tiling: stage {s.graph} returned {y.shape[1:]} for input "
                                       f"{(iy1 - iy0, ix1 - ix0)}; expected resampling {s.resample}")
                 del feeds, y
-                if n_img == 1 and block.shape[1:] == (oh, ow) and isinstance(dst, _Memory):
+                adopt = n_img == 1 and block.shape[1:] == (oh, ow) and isinstance(dst, _Memory)
+                if adopt:
                     dst.a = full  # one tile for the whole image: adopt the graph's output, no copy
-                else:
-                    dst.write(n, oy0, ox0, block)
-                if acc is not None:
-                    acc.add(n, block)
+                _store(pool, dst, acc, n, oy0, ox0, block, adopted=adopt)
                 done += 1
                 if progress is not None:
                     progress(done)
     return done
 
 
-def _attention(s: Step, sp: StepPlan, src, dst, acc, run_graph, progress, done) -> int:
+def _attention(s: Step, sp: StepPlan, src, dst, acc, run_graph, progress, done, pool=None) -> int:
     """softmax(Q^T K * scale) V^T over all pixels of each image, Q/K/V the thirds of `src`'s
     channels: the attention graph per (query chunk, key chunk), key chunks combined by their row
     maxima (an online softmax, as flash attention does)."""
@@ -816,9 +887,7 @@ def _attention(s: Step, sp: StepPlan, src, dst, acc, run_graph, progress, done) 
                 o = o * a[:, None, :] + o_c * b[:, None, :]
                 total, m = total * a + l_c * b, m_new
             block = (o / total[:, None, :]).reshape(c, qe - qy, w)
-            dst.write(n, qy, 0, block)
-            if acc is not None:
-                acc.add(n, block)
+            _store(pool, dst, acc, n, qy, 0, block)
             done += 1
             if progress is not None:
                 progress(done)
