@@ -23,11 +23,15 @@ def _spec():
                      (TensorSpec("y", "float32", (BATCH, C, "out_height", "out_width")),), batch_buckets=False, variants=False)
 
 
-def test_traced_as_four_2x2_convolutions_with_the_same_values():
+@pytest.mark.parametrize("make", [
+    lambda: Upsample2D(C, use_conv=True, out_channels=C),  # AutoencoderKL, VQModel
+    lambda: torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(C, C, 3, padding=1, bias=False)),  # TAESD
+], ids=["Upsample2D", "Upsample+Conv2d"])
+def test_traced_as_four_2x2_convolutions_with_the_same_values(make):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    u = Upsample2D(C, use_conv=True, out_channels=C).eval()
+    u = make().eval()
     x = torch.randn(2, C, 5, 7) * 3
     with torch.no_grad():
         before = u(x).numpy()
@@ -38,7 +42,7 @@ def test_traced_as_four_2x2_convolutions_with_the_same_values():
     ops = [n.op_type for n in model.graph.node]
     assert "Resize" not in ops and "DepthToSpace" in ops
     assert ops.count("Conv") == 4
-    weights = [i for i in model.graph.initializer if len(i.dims) == 4]
+    weights = [i for i in model.graph.initializer if len(i.dims) == 4 and i.dims[2] > 1]
     assert len(weights) == 4 and all(tuple(w.dims) == (C, C, 2, 2) for w in weights)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for shape in ((2, C, 5, 7), (1, C, 1, 1), (1, C, 2, 9)):  # odd, single pixel, a thin strip: the borders
@@ -53,10 +57,12 @@ def test_traced_as_four_2x2_convolutions_with_the_same_values():
     lambda: Upsample2D(C, use_conv=False),  # no conv
     lambda: Upsample2D(C, use_conv_transpose=True),
     lambda: Upsample2D(C, use_conv=True, kernel_size=5, padding=2),  # not 3x3
+    lambda: torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.Conv2d(C, C, 3, padding=1)),
+    lambda: torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.ReLU(), torch.nn.Conv2d(C, C, 3, padding=1)),
 ])
 def test_other_upsamplers_are_left_as_they_are(make):
     u = make().eval()
-    assert subpixel.install(u) == 0 and not hasattr(u, "subpixel")
+    assert subpixel.install(u) == 0 and not any(hasattr(m, "subpixel") for m in u.modules())
 
 
 def test_the_phase_kernels_sum_the_taps_that_read_one_pixel():
