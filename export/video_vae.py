@@ -1,15 +1,19 @@
 """kind "video-vae" (see vaeinfer.kinds.video_vae): diffusers' causal video autoencoders
 (AutoencoderKLWan: Wan 2.1 and 2.2, patch_size and is_residual included; AutoencoderKLQwenImage)
--> four validated step graphs whose causal caches are explicit inputs and outputs.
+-> eight validated step graphs whose causal caches are explicit inputs and outputs.
 
     from vaeinfer.export.diffusers import from_diffusers
     from_diffusers("./Wan2.1-T2V-1.3B-Diffusers/vae", "bundles/wan-vae")
 
 diffusers runs its encoder on the first frame, then on chunks of t = 4 frames, and its decoder on
 one latent frame at a time, each call reading and rewriting a list of cached activations
-(`feat_cache`: the last frames each causal convolution saw). Each graph here is one such call of
-the diffusers module itself, with that list made explicit: the caches the call reads are inputs,
-the caches it leaves are outputs. The list's slots and their steady shapes are learnt by running
+(`feat_cache`: the last frames each causal convolution saw). Each such call is cut in two at the
+mid-block (`run_part`: diffusers' own layers, its forward replicated around them), so that the
+full-resolution part can run on spatial tiles (vaeinfer.kinds.video_vae names the graphs), and
+each part is one graph with its slots of that list made explicit: the caches the part reads are
+inputs, the caches it leaves are outputs (diffusers' feat_idx counter tells where the second
+part's slots start). The halo a tile of the full-resolution part needs is its receptive field's
+radius, measured with autograd on diffusers' layers (`measure_halo`). The list's slots and their steady shapes are learnt by running
 diffusers' own code on a small input; after the first call diffusers keeps some slots shorter (one
 frame where later steps keep two) or as the marker "Rep" (an upsampler that has not yet run its
 time convolution); the first graphs give those slots their steady shape by padding with zero
@@ -17,7 +21,8 @@ frames, which is what diffusers' convolutions pad with, so the step graphs' shap
 
 Validation: each graph against its PyTorch module at several batch sizes and sizes, then the
 graphs run as the runtime runs them (vaeinfer.video_vae's loops) against diffusers' own
-`decode(z).sample` and `encode(x).latent_dist` on whole clips of several lengths.
+`decode(z).sample` and `encode(x).latent_dist` on whole clips of several lengths, and in tiles
+whose inputs are cut exactly at the halo against untiled (`tile_check`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,14 @@ of t frames; the first latent frame, then each later one), the causal caches pas
 step as numpy arrays: memory holds the caches and one step's activations, whatever the length
 of the clip, plus the output the caller keeps (`decode_stream` / `encode_stream` keep none).
 
+Large frames (`tile=`): each step is two graphs cut at the mid-block (vaeinfer.kinds.video_vae).
+The full-resolution one (the decoder's up blocks, the encoder's down blocks) runs per tile: a
+grid of cores of tile x tile latent pixels, each tile's input cropped to its core widened by the
+direction's halo (the graph's receptive field, recorded at export) and clamped to the frame, its
+output cropped back to the core and pasted into the frame; each tile runs its own stream (its own
+caches) from the first frame on. The mid-block runs on the whole frame at latent resolution. The
+result equals the untiled one: every layer but the mid-block's attention is spatially local.
+
 "Diffusion latents" (`scaled=True`) are the latents a diffusion pipeline works in, per channel:
 encode returns (mean - latents_mean) / latents_std, decode takes z * latents_std + latents_mean
 (diffusers' Wan and Qwen-Image pipelines).
