@@ -13,11 +13,12 @@ full-resolution part can run on spatial tiles (vaeinfer.kinds.video_vae names th
 each part is one graph with its slots of that list made explicit: the caches the part reads are
 inputs, the caches it leaves are outputs (diffusers' feat_idx counter tells where the second
 part's slots start). The halo a tile of the full-resolution part needs is its receptive field's
-radius, measured with autograd on diffusers' layers (`measure_halo`). The list's slots and their steady shapes are learnt by running
-diffusers' own code on a small input; after the first call diffusers keeps some slots shorter (one
-frame where later steps keep two) or as the marker "Rep" (an upsampler that has not yet run its
-time convolution); the first graphs give those slots their steady shape by padding with zero
-frames, which is what diffusers' convolutions pad with, so the step graphs' shapes never change.
+radius, measured with autograd on diffusers' layers (`measure_halo`). The list's slots and their
+steady shapes are learnt by running diffusers' own layers on a small input; after the first call
+diffusers keeps some slots shorter (one frame where later steps keep two) or as the marker "Rep"
+(an upsampler that has not yet run its time convolution); the first graphs give those slots their
+steady shape by padding with zero frames, which is what diffusers' convolutions pad with, so the
+step graphs' shapes never change.
 
 Validation: each graph against its PyTorch module at several batch sizes and sizes, then the
 graphs run as the runtime runs them (vaeinfer.video_vae's loops) against diffusers' own
@@ -40,7 +41,7 @@ from vaeinfer import export
 from vaeinfer.export.bundle import export_bundle
 from vaeinfer.export.graphs import ExportError
 from vaeinfer.export.spatial_vae import smooth_images
-from vaeinfer.kinds.video_vae import FIRST, KIND, scaled_axes, video_vae_graphs
+from vaeinfer.kinds.video_vae import FIRST, KIND, TILED, scaled_axes, video_vae_graphs
 from vaeinfer.spec import LATENT_HEIGHT
 from vaeinfer.video_vae import decode_steps, encode_steps
 
@@ -222,9 +223,9 @@ def measure_halo(vae, direction: str, probe: dict) -> int:
     The probe grows until the dependence ends inside it; ExportError where it never does (a
     spatially global layer, such as an attention in the up or down blocks)."""
     fx = facts(vae)
-    tiled = PARTS[direction][1] if direction == "decoder" else PARTS[direction][0]
-    hidden = probe["hidden"] if direction == "decoder" else None
-    start = probe["split"] if direction == "decoder" else 0
+    tiled = TILED[direction]
+    first_part = tiled == PARTS[direction][0]  # the encoder's: it starts at slot 0 and takes the frames
+    hidden, start = (None, 0) if first_part else (probe["hidden"], probe["split"])
     f_in, f_out = (1, fx["downsample"]) if direction == "decoder" else (fx["downsample"], 1)
     g = torch.Generator().manual_seed(0)
     radius = 0
@@ -269,6 +270,7 @@ def clips(n: int, frames: int, height: int, width: int, seed: int) -> np.ndarray
 
 
 def _sessions(files: dict[str, bytes], latent: dict) -> dict:
+    """role -> _Session of every step graph (video_vae_graphs for its roles: the channels do not matter)."""
     return {role: _Session(files[f"{role}.onnx"]) for role in video_vae_graphs(3, latent)}
 
 
