@@ -334,6 +334,23 @@ def test_tile_values_are_checked(exported):
     assert np.array_equal(m.decode(z, tile=np.int64(2)), m.decode(z, tile=2))
 
 
+def test_the_latent_slot_checks_the_split_fields():
+    from vaeinfer.kinds.video_vae import SPLIT_KEYS, is_split, parse_latent
+
+    lat = {"channels": 1, "downsample": 4, "temporal_downsample": 4, "stochastic": True, "latents_mean": [0.0],
+           "latents_std": [1.0], "decoder_cache": [[1, 2, 1]], "encoder_cache": [[3, 2, 4]]}
+    split = {**lat, "decoder_up_cache": [[8, 2, 2]], "encoder_mid_cache": [], "decoder_hidden": 8, "encoder_hidden": 8,
+             "decoder_halo": 8, "encoder_halo": 0}
+    assert not is_split(parse_latent(lat)) and is_split(parse_latent(split))
+    with pytest.raises(BundleError, match=r"split step graphs need all of"):
+        parse_latent({k: v for k, v in split.items() if k != "encoder_halo"})
+    for key, bad in (("decoder_halo", -1), ("encoder_halo", 1.5), ("decoder_halo", True), ("decoder_hidden", 0),
+                     ("decoder_up_cache", [[8, 2, 3]])):
+        assert key in SPLIT_KEYS
+        with pytest.raises(BundleError, match=f"latent.{key}"):
+            parse_latent({**split, key: bad})
+
+
 def _merge_pair(first_part: bytes, second_part: bytes, hidden: str, split: int) -> bytes:
     """One step graph as bundles before the split had it: the two parts joined at `hidden`, the
     second part's caches numbered after the first part's `split` ones, the outputs in the old
