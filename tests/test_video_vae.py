@@ -60,7 +60,10 @@ def _has_bf16() -> bool:
 
 HAS_BF16 = _has_bf16()
 VARIANTS = {"wan21": ("fp16", "int8", *(("bf16",) if HAS_BF16 else ())), "wan22": ("fp16",), "qwen": ("fp16",)}
-ROLES = {"decoder_first", "decoder", "encoder_first", "encoder"}
+DECODER_ROLES = ("decoder_first", "decoder", "decoder_first_up", "decoder_up")
+ENCODER_ROLES = ("encoder_first", "encoder", "encoder_first_mid", "encoder_mid")
+ROLES = {*DECODER_ROLES, *ENCODER_ROLES}
+HALOS = {"decoder": 8, "encoder": 5}  # the tiny configs' receptive fields (latent pixels), as measured at export
 FP16_TOL = 1e-2  # fp16 whole clips against fp32 (max abs, frames in [-1, 1]); measured about 2e-3
 
 
@@ -97,11 +100,15 @@ def test_export_records_the_facts_and_the_whole_clip_checks(exported, family):
     assert manifest["kind"] == vaeinfer.load(path).info.kind
     assert lat["temporal_downsample"] == 4 and lat["latents_std"] == STATS["latents_std"]
     assert lat["downsample"] == (8 if family == "wan22" else 4) and lat["patch_size"] == (2 if family == "wan22" else 1)
-    assert set(manifest["graphs"]) == {"decoder_first", "decoder", "encoder_first", "encoder"}
+    assert set(manifest["graphs"]) == ROLES
+    assert {k: lat[f"{k}_halo"] for k in HALOS} == HALOS and lat["decoder_hidden"] == lat["encoder_hidden"] == 8
     clips_check = manifest["export"]["parity"]["clips"]
     assert clips_check["frames"] == [1, 5, 9]
     for key in ("decode", "encode_mean", "encode_logvar"):
         assert clips_check[f"{key}_max_abs_err"] <= TOL
+    tiles_check = manifest["export"]["parity"]["tiles"]  # the halos' safety check: tiled against untiled
+    for direction, halo in HALOS.items():
+        assert tiles_check[f"{direction}_halo"] == halo and tiles_check[f"{direction}_max_abs_err"] <= 1e-5
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -177,10 +184,24 @@ def test_cli_decodes_to_gif_mp4_and_pngs_and_encodes_a_video(exported, tmp_path)
     assert r.exit_code == 0, r.output
     # the PNG frames are the decoded clip rounded to 8 bits: their latents are close to the mp4's
     assert np.load(tmp_path / "z3.npz")["mean"].shape == (1, 4, 3, 4, 4)
+    # --tile: exact tiles of that many latent pixels, as tile= does
+    m = vaeinfer.load(path)
+    r = runner.invoke(main, ["decode", "-m", str(path), str(tmp_path / "z.npy"), "--tile", "3", "-o", str(tmp_path / "t.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "t.npy"), m.decode(z, tile=3))
+    np.save(tmp_path / "clip.npy", m.decode(z))
+    r = runner.invoke(main, ["encode", "-m", str(path), str(tmp_path / "clip.npy"), "--tile", "3", "-o", str(tmp_path / "t.npz")])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "t.npz")["mean"], m.encode(np.load(tmp_path / "clip.npy"), tile=3).mean)
+    for verb in ("decode", "encode"):
+        assert "Video model:" in " ".join(runner.invoke(main, [verb, "--help"]).output.split())
     # flags that do not apply to a video model are refused, never ignored
     r = runner.invoke(main, ["decode", "-m", str(path), str(tmp_path / "z.npy"), "--max-memory", "1GiB",
                              "-o", str(tmp_path / "x.mp4")])
-    assert r.exit_code != 0 and "--max-memory: tiling applies to spatial VAEs" in r.output
+    assert r.exit_code != 0 and "--max-memory: applies to spatial VAEs" in r.output and "--tile N" in r.output
+    r = runner.invoke(main, ["encode", "-m", str(path), str(tmp_path / "clip.mp4"), "--tile-mode", "blend",
+                             "-o", str(tmp_path / "x.npy")])
+    assert r.exit_code != 0 and "--tile-mode: applies to spatial VAEs" in r.output
     r = runner.invoke(main, ["sample", "-m", str(path), "-o", str(tmp_path / "s.png")])
     assert r.exit_code != 0 and "vaeinfer decode -m MODEL z.npy -o clip.mp4" in r.output
 
@@ -226,12 +247,12 @@ def test_every_cpu_backend_and_precision_streams_a_clip(exported, tmp_path, monk
         assert np.array_equal(np.concatenate(list(bf.decode_stream(z)), axis=2), got)
     monkeypatch.setenv("VAEINFER_CACHE_DIR", str(tmp_path / "cache"))
     auto = vaeinfer.load(path, device="cpu", precision="auto")
-    assert set(auto.info.auto) == {"decoder_first", "decoder", "encoder_first", "encoder"}
+    assert set(auto.info.auto) == ROLES
     got = auto.decode(z)
     assert float(np.abs(got - want).mean()) <= 0.01 * float(want.max() - want.min())
     assert np.array_equal(np.concatenate(list(auto.decode_stream(z)), axis=2), got)
     dec = vaeinfer.load(path, device="cpu", precision="auto", roles=("decoder",))  # the cached choice, decoder only
-    assert set(dec.info.auto) == {"decoder_first", "decoder"} and dec.info.roles == ("decoder_first", "decoder")
+    assert set(dec.info.auto) == set(DECODER_ROLES) and dec.info.roles == DECODER_ROLES
     assert np.array_equal(dec.decode(z), got)
 
 
@@ -254,6 +275,201 @@ def test_bf16_decodes_frames_over_128_pixels(exported):
         assert got.shape == (1, 3, 5, 4 * h, 4 * w)
         err = np.abs(got - want) / float(want.max() - want.min())
         assert 0 < err.mean() < 2e-3 and err.max() < 0.05, (h, w, err.mean(), err.max())
+
+
+# --- tiles --------------------------------------------------------------------------------------
+
+TILE_TOL = 1e-5  # tiled against untiled (fp32: only rounding differs)
+TILES = (3, 7)  # smaller than the halos (7: than the decoder's), neither dividing the frame
+TILED_LATENT = (17, 10)  # non-square; every tile size leaves tiles whose crops are cut inside the frame
+
+
+def _max_err(a, b) -> float:
+    return float(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tiles_equal_the_whole_frame_and_stream_bit_for_bit(exported, family):
+    module, path = exported[family]
+    m = vaeinfer.load(path)
+    f = m.downsample
+    z = _latents(module, 2, 3, *TILED_LATENT, seed=11)
+    x = clips(1, 9, TILED_LATENT[0] * f, TILED_LATENT[1] * f, seed=11)
+    whole, post = m.decode(z), m.encode(x)
+    for tile in TILES:
+        got = m.decode(z, tile=tile)
+        assert _max_err(got, whole) <= TILE_TOL, tile
+        tiled = m.encode(x, tile=tile)
+        assert _max_err(tiled.mean, post.mean) <= TILE_TOL and _max_err(tiled.logvar, post.logvar) <= TILE_TOL, tile
+        if tile == TILES[-1]:  # streaming in tiles equals the whole clip in tiles, bit for bit
+            assert np.array_equal(np.concatenate(list(m.decode_stream(z, tile=tile)), axis=2), got)
+            streamed = list(m.encode_stream((x[:, :, i] for i in range(x.shape[2])), tile=tile))
+            assert np.array_equal(np.concatenate([p.mean for p in streamed], axis=2), tiled.mean)
+    assert np.array_equal(m.decode(z, tile=max(TILED_LATENT)), whole)  # one tile: the untiled run itself
+
+
+def test_a_halo_one_pixel_smaller_shows(exported, monkeypatch):
+    """The recorded halos are needed: one latent pixel less and the tiles' borders leak into their cores."""
+    module, path = exported["wan21"]
+    m = vaeinfer.load(path)
+    z = _latents(module, 1, 3, *TILED_LATENT, seed=3)
+    x = clips(1, 9, TILED_LATENT[0] * 4, TILED_LATENT[1] * 4, seed=3)
+    runs = {"decoder": lambda tile: m.decode(z, tile=tile), "encoder": lambda tile: m.encode(x, tile=tile).mean}
+    for direction, run in runs.items():
+        whole = run(None)
+        exact = _max_err(run(1), whole)
+        monkeypatch.setitem(m.manifest.latent, f"{direction}_halo", HALOS[direction] - 1)
+        short = _max_err(run(1), whole)
+        monkeypatch.setitem(m.manifest.latent, f"{direction}_halo", HALOS[direction])
+        assert exact <= TILE_TOL and short > max(1e-4, 100 * exact), (direction, exact, short)
+
+
+def test_tile_values_are_checked(exported):
+    module, path = exported["wan21"]
+    m = vaeinfer.load(path, roles=("decoder",))
+    z = _latents(module, 1, 1, 3, 3)
+    for bad in (0, -2, True, 1.5, "4", (2, 2)):
+        with pytest.raises(InputError, match=r"tile \(the side of a tile's core in latent pixels.*positive integer"):
+            m.decode(z, tile=bad)
+    assert np.array_equal(m.decode(z, tile=np.int64(2)), m.decode(z, tile=2))
+
+
+def test_the_latent_slot_checks_the_split_fields():
+    from vaeinfer.kinds.video_vae import SPLIT_KEYS, is_split, parse_latent
+
+    lat = {"channels": 1, "downsample": 4, "temporal_downsample": 4, "stochastic": True, "latents_mean": [0.0],
+           "latents_std": [1.0], "decoder_cache": [[1, 2, 1]], "encoder_cache": [[3, 2, 4]]}
+    split = {**lat, "decoder_up_cache": [[8, 2, 2]], "encoder_mid_cache": [], "decoder_hidden": 8, "encoder_hidden": 8,
+             "decoder_halo": 8, "encoder_halo": 0}
+    assert not is_split(parse_latent(lat)) and is_split(parse_latent(split))
+    with pytest.raises(BundleError, match=r"split step graphs need all of"):
+        parse_latent({k: v for k, v in split.items() if k != "encoder_halo"})
+    for key, bad in (("decoder_halo", -1), ("encoder_halo", 1.5), ("decoder_halo", True), ("decoder_hidden", 0),
+                     ("decoder_up_cache", [[8, 2, 3]])):
+        assert key in SPLIT_KEYS
+        with pytest.raises(BundleError, match=f"latent.{key}"):
+            parse_latent({**split, key: bad})
+
+
+def _merge_pair(first_part: bytes, second_part: bytes, hidden: str, split: int) -> bytes:
+    """One step graph as bundles before the split had it: the two parts joined at `hidden`, the
+    second part's caches numbered after the first part's `split` ones, the outputs in the old
+    order (the frames or statistics, then the caches)."""
+    import onnx
+    from onnx import compose
+
+    a, b = onnx.load_from_string(first_part), onnx.load_from_string(second_part)
+    b.ClearField("metadata_props")  # the first part's (its role's) stay
+    merged = compose.merge_models(a, b, io_map=[(hidden, hidden)], prefix1="a/", prefix2="b/")
+    names = {}
+    for v in (*merged.graph.input, *merged.graph.output):
+        name = v.name[2:]
+        stem = "next_cache_" if name.startswith("next_cache_") else "cache_" if name.startswith("cache_") else None
+        if stem is not None and v.name.startswith("b/"):
+            name = f"{stem}{int(name[len(stem):]) + split}"
+        names[v.name] = name
+    for v in (*merged.graph.input, *merged.graph.output):
+        v.name = names[v.name]
+    for node in merged.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    outputs = sorted(merged.graph.output, key=lambda o: (o.name.startswith("next_cache_"),
+                                                         int(o.name.rsplit("_", 1)[1]) if "cache" in o.name else 0))
+    outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in outputs]
+    merged.graph.ClearField("output")
+    merged.graph.output.extend(outputs)
+    return merged.SerializeToString()
+
+
+def _old_format(path, out):
+    """The bundle at `path` as exported before the split (four step graphs, no halos): its parts
+    joined back, the latent slot without the split's fields, no variants."""
+    import hashlib
+
+    from vaeinfer.kinds.video_vae import SPLIT_KEYS, parse_latent, video_vae_graphs
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    lat = manifest["latent"]
+    out.mkdir()
+    pairs = {"decoder_first": ("decoder_first_up", "decoder_hidden"), "decoder": ("decoder_up", "decoder_hidden"),
+             "encoder_first": ("encoder_first_mid", "encoder_hidden"), "encoder": ("encoder_mid", "encoder_hidden")}
+    files = {role: _merge_pair((path / f"{role}.onnx").read_bytes(), (path / f"{second}.onnx").read_bytes(), hidden,
+                               len(lat[f"{role.split('_')[0]}_cache"]))
+             for role, (second, hidden) in pairs.items()}
+    old = {k: v for k, v in lat.items() if k not in SPLIT_KEYS}
+    old["decoder_cache"] = lat["decoder_cache"] + lat["decoder_up_cache"]
+    old["encoder_cache"] = lat["encoder_cache"] + lat["encoder_mid_cache"]
+    specs = video_vae_graphs(3, parse_latent(old))
+    for role, data in files.items():
+        (out / f"{role}.onnx").write_bytes(data)
+    manifest.update(latent=old, variants={}, graphs={role: {"file": f"{role}.onnx", "sha256": hashlib.sha256(
+        data).hexdigest(), **specs[role].io_json()} for role, data in files.items()})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_bundle_from_before_the_split_runs_untiled_and_refuses_tiles(exported, tmp_path):
+    module, path = exported["wan21"]
+    old = vaeinfer.load(_old_format(path, tmp_path / "old"))
+    assert old.info.roles == ("decoder_first", "decoder", "encoder_first", "encoder")
+    new = vaeinfer.load(path)
+    z = _latents(module, 1, 3, 3, 2)
+    x = clips(1, 9, 12, 8, seed=1)
+    assert _max_err(old.decode(z), new.decode(z)) <= TILE_TOL
+    assert _max_err(old.encode(x).mean, new.encode(x).mean) <= TILE_TOL
+    assert vaeinfer.load(tmp_path / "old", roles=("decoder",)).info.roles == ("decoder_first", "decoder")
+    for call in (lambda: old.decode(z, tile=2), lambda: list(old.encode_stream(x, tile=2))):
+        with pytest.raises(BundleError, match=r"exported before video frames could be tiled.*re-export it"):
+            call()
+
+
+_TILE_PEAKS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import vaeinfer
+    from vaeinfer.video_vae import decode_steps
+
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+
+    class Hidden:  # the whole-frame graphs, giving a hidden tensor of the right shape
+        def __init__(self, shape):
+            self.shape = shape
+
+        def run(self, feeds, batch_size=None):
+            return [np.random.default_rng(0).standard_normal(self.shape, dtype=np.float32)]
+
+    m = vaeinfer.load(sys.argv[1], device="cpu", threads=1, roles=("decoder",))
+    lat = m.manifest.latent
+    head = Hidden((1, lat["decoder_hidden"], 1, 96, 96))
+    graphs = {"decoder_first": head, "decoder": head, **{r: m._graphs[r] for r in ("decoder_first_up", "decoder_up")}}
+    z = np.zeros((1, 4, 3, 96, 96), np.float32)
+    loaded = hwm()
+    peaks = []
+    for tile in ((32, 32), None):  # the high-water mark only grows: the tiled run first
+        for _ in decode_steps(graphs, lat, z, tile=tile):
+            pass
+        peaks.append(hwm() - loaded)
+    print(json.dumps(peaks))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_tiles_lower_a_decoder_steps_peak(exported):
+    """A fresh process decodes a 384x384 clip of 9 frames in tiles of 32 latent pixels, then
+    whole: the tiled steps peak lower (a tile's activations, though the tiles' caches overlap by
+    the halo). Measured when written: 154 and 220 MiB above the loaded model. The steps'
+    full-resolution graphs only: the tiny config's mid-block attention, on the whole 96x96 latent
+    either way, would hide them (0.7 GiB of scores for its 8 channels, where a real model's
+    full-resolution activations have 96 or more)."""
+    _, path = exported["wan21"]
+    out = subprocess.run([sys.executable, "-c", _TILE_PEAKS, str(path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    tiled, whole = json.loads(out.stdout.strip().splitlines()[-1])
+    assert tiled < 0.8 * whole, (tiled, whole)
 
 
 # --- precision variants -----------------------------------------------------------------------
@@ -359,25 +575,25 @@ def test_no_parallel_chunks_so_no_graph_bytes_kept(exported):
     hold several chunks' working memory at once: a video model runs each step as one call."""
     _, path = exported["wan21"]
     m = vaeinfer.load(path, device="cpu", threads=2)
-    assert m.execution_modes() == {role: "intra" for role in ("decoder_first", "decoder", "encoder_first", "encoder")}
+    assert m.execution_modes() == {role: "intra" for role in ROLES}
     assert all(g._serial_factory is None for g in m._graphs.values())
 
 
 def test_roles_load_one_half_and_still_check_every_file(exported, tmp_path):
-    """load(roles=("decoder",)): the decoder's two graphs only (decoding as the whole model does),
+    """load(roles=("decoder",)): the decoder's four graphs only (decoding as the whole model does),
     encoding says how to load the encoder; every file is still checked at load."""
     module, path = exported["wan21"]
     full = vaeinfer.load(path, device="cpu")
-    assert full.info.roles == ("decoder_first", "decoder", "encoder_first", "encoder")
+    assert full.info.roles == (*DECODER_ROLES, *ENCODER_ROLES)
     dec = vaeinfer.load(path, device="cpu", roles=("decoder",))
-    assert dec.info.roles == tuple(dec._graphs) == ("decoder_first", "decoder")
+    assert dec.info.roles == tuple(dec._graphs) == DECODER_ROLES
     z = _latents(module, 1, 3, 2, 2)
     assert np.array_equal(dec.decode(z), full.decode(z))
     x = clips(1, 5, 8, 8, seed=0)
-    with pytest.raises(ValueError, match=r"its encoder_first graph is not loaded .*roles including 'encoder'"):
+    with pytest.raises(ValueError, match=r"its encoder_first_mid graph is not loaded .*roles including 'encoder'"):
         dec.encode(x)
     enc = vaeinfer.load(path, device="cpu", roles="encoder")
-    assert enc.info.roles == ("encoder_first", "encoder")
+    assert enc.info.roles == ENCODER_ROLES
     assert np.array_equal(enc.encode(x).mean, full.encode(x).mean)
     with pytest.raises(ValueError, match="roles including 'decoder'"):
         enc.decode(z)
@@ -407,7 +623,7 @@ def test_first_and_step_graphs_share_their_weights_bit_for_bit(exported, monkeyp
     assert got == want and len(got) > 10
     monkeypatch.setattr(runtime, "SHARED_MIN_BYTES", 1)
     shared = vaeinfer.load(path, device="cpu", threads=1)
-    for first, step in (("decoder_first", "decoder"), ("encoder_first", "encoder")):
+    for first, step in zip(DECODER_ROLES[::2] + ENCODER_ROLES[::2], DECODER_ROLES[1::2] + ENCODER_ROLES[1::2]):
         ptrs = [{v.data_ptr() for v in shared._graphs[r].runner.session.shared_weights} for r in (first, step)]
         assert len(ptrs[0]) > 10 and ptrs[0] == ptrs[1]
     monkeypatch.setattr(runtime, "shared_weights", lambda *_: {})

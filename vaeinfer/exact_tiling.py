@@ -745,11 +745,14 @@ def _plan(direction: Direction, shape, budget, tile, resident) -> Plan:
 
 # --- running the plan -------------------------------------------------------------------------
 
-def _axis_tiles(length: int, tile: int) -> list[tuple[int, int]]:
+def axis_tiles(length: int, tile: int) -> list[tuple[int, int]]:
+    """[start, end) of the tiles of side `tile` along an axis of `length` (the last one may be shorter)."""
     return [(a, min(length, a + tile)) for a in range(0, length, tile)]
 
 
-def _input_range(o0: int, o1: int, length_in: int, f: Fraction, halo: int) -> tuple[int, int]:
+def input_range(o0: int, o1: int, length_in: int, f: Fraction, halo: int) -> tuple[int, int]:
+    """The input [start, end) that output pixels [o0, o1) of a step resampling by f read: mapped
+    back, widened by the halo and clamped to the input's length."""
     a, b = o0 / f, o1 / f
     return max(0, math.floor(a) - halo), min(length_in, math.ceil(b) + halo)
 
@@ -831,10 +834,10 @@ def _conv(s: Step, sp: StepPlan, stores, dst, acc, stats, run_graph, progress, d
     f = s.factor
     norm = stats[s.x].norm(*s.norm) if s.norm else None
     for n in range(n_img):
-        for oy0, oy1 in _axis_tiles(oh, sp.tile[0]):
-            iy0, iy1 = _input_range(oy0, oy1, hin, f, s.halo)
-            for ox0, ox1 in _axis_tiles(ow, sp.tile[1]):
-                ix0, ix1 = _input_range(ox0, ox1, win, f, s.halo)
+        for oy0, oy1 in axis_tiles(oh, sp.tile[0]):
+            iy0, iy1 = input_range(oy0, oy1, hin, f, s.halo)
+            for ox0, ox1 in axis_tiles(ow, sp.tile[1]):
+                ix0, ix1 = input_range(ox0, ox1, win, f, s.halo)
                 feeds = {"x": np.ascontiguousarray(src.read(n, iy0, iy1, ix0, ix1)[None])}
                 if skip is not None:
                     feeds["skip"] = np.ascontiguousarray(skip.read(n, iy0, iy1, ix0, ix1)[None])
@@ -867,10 +870,10 @@ def _attention(s: Step, sp: StepPlan, src, dst, acc, run_graph, progress, done, 
     c, heads = s.out_channels, s.heads
     d = c // heads
     q_rows, k_rows = sp.tile
-    key_chunks = _axis_tiles(h, k_rows)
+    key_chunks = axis_tiles(h, k_rows)
     for n in range(n_img):
         whole = src.read(n, 0, h, 0, w, c, 3 * c) if len(key_chunks) == 1 else None
-        for qy, qe in _axis_tiles(h, q_rows):
+        for qy, qe in axis_tiles(h, q_rows):
             q = np.ascontiguousarray(src.read(n, qy, qe, 0, w, 0, c)).reshape(heads, d, -1)
             o = m = total = None
             for ky, ke in key_chunks:

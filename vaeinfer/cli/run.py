@@ -80,14 +80,16 @@ def sample(model, device, threads, precision, n, seed, temperature, batch_size, 
 @click.option("--scaled", is_flag=True, help="Spatial VAE: write diffusion latents ((z - shift) * scaling_factor); "
               "video VAE: (mean - latents_mean) / latents_std.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
-              help="Spatial VAE: encode in tiles of this many image pixels (exact; see --tile-mode).")
+              help="Spatial VAE: encode in tiles of this many image pixels (exact; see --tile-mode). Video model: "
+                   "in tiles of this many latent pixels (exact).")
 @_exact_tiling_options("encode")
 def encode(model, device, threads, precision, inputs, out, batch_size, scaled, tile, max_memory, tile_mode):
     """Encode images (image files, or one .npy/.npz of N, C, H, W) to latents; a video model: one
     clip (a video file, a folder of frames, or a .npy/.npz of N, 3, T, H, W) to .npy (means) or .npz."""
     m = _load(model, device, threads, precision, roles=("encoder",))
     if video.is_video_model(m):
-        return video.encode(m, inputs, out, batch_size, scaled)
+        video.refuse_spatial_tiling(m, max_memory=max_memory, tile_mode=tile_mode)
+        return video.encode(m, inputs, out, batch_size, scaled, tile)
     _check_out(out, (".npz",))
     options = _spatial_options(m, scaled=scaled, tile=tile, max_memory=max_memory, tile_mode=tile_mode)
     x = _read_images(m, inputs)
@@ -112,7 +114,7 @@ def encode(model, device, threads, precision, inputs, out, batch_size, scaled, t
               "video VAE: z * latents_std + latents_mean.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Spatial VAE: decode in tiles of this many latent pixels (64 = 512 image pixels at 8x; exact, "
-                   "see --tile-mode).")
+                   "see --tile-mode). Video model: the same (exact).")
 @_exact_tiling_options("decode")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
               help="Video model: frames per second of the video written.")
@@ -128,11 +130,8 @@ def decode(model, device, threads, precision, latents, out, batch_size, scaled, 
     if key is None:
         raise InputError(f"{latents}: expected an array named one of {keys}, got {sorted(arrays)}")
     if video.is_video_model(m):
-        tiling = {"--tile": tile, "--max-memory": max_memory, "--tile-mode": tile_mode}
-        if any(v is not None for v in tiling.values()):
-            raise InputError(f"{', '.join(k for k, v in tiling.items() if v is not None)}: tiling applies to spatial "
-                             f"VAEs; {m.info.name} is a video-vae model, decoded as a stream in constant memory")
-        return video.decode(m, arrays[key], out, batch_size, scaled, fps)
+        video.refuse_spatial_tiling(m, max_memory=max_memory, tile_mode=tile_mode)
+        return video.decode(m, arrays[key], out, batch_size, scaled, fps, tile)
     options = _spatial_options(m, scaled=scaled, tile=tile, max_memory=max_memory, tile_mode=tile_mode)
     z = arrays[key]
     total, label = _tiles(m, "decode", z, options)

@@ -20,8 +20,18 @@ def is_video_model(model) -> bool:
     return hasattr(model, "decode_stream") and hasattr(model, "encode_stream")
 
 
-def decode(model, z, out: str, batch_size, scaled: bool, fps: float) -> None:
-    """Stream z (N, c, T, h, w) through the decoder into `out` (a video, a PNG folder, or .npy/.npz)."""
+def refuse_spatial_tiling(model, **options) -> None:
+    """InputError naming the spatial VAEs' tiling options given (max_memory, tile_mode): a video
+    model takes --tile only."""
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+    if given:
+        raise InputError(f"{', '.join(given)}: applies to spatial VAEs; {model.info.name} is a video-vae model, "
+                         f"streamed in constant memory (--tile N runs its frames in exact tiles)")
+
+
+def decode(model, z, out: str, batch_size, scaled: bool, fps: float, tile: int | None = None) -> None:
+    """Stream z (N, c, T, h, w) through the decoder into `out` (a video, a PNG folder, or .npy/.npz),
+    in tiles of `tile` latent pixels if given."""
     z = np.asarray(z)
     suffix = Path(out).suffix.lower()
     if suffix not in ARRAY_SUFFIXES and not video_io.is_video_out(out):
@@ -30,14 +40,14 @@ def decode(model, z, out: str, batch_size, scaled: bool, fps: float) -> None:
     bar, advance = _progress(total, "decoding frames")
     if suffix in ARRAY_SUFFIXES:
         with bar:
-            clip = model.decode(z, scaled=scaled, batch_size=batch_size, progress=advance)
+            clip = model.decode(z, scaled=scaled, batch_size=batch_size, progress=advance, tile=tile)
         image_io.save_arrays(out, images=clip) if suffix == ".npz" else image_io.save_arrays(out, arr_0=clip)
         click.echo(f"wrote {out} (clips {clip.shape})", err=True)
         return
     writer = video_io.VideoWriter(out, fps)
     frames = 0
     with bar:
-        for i, chunk in enumerate(model.decode_stream(z, scaled=scaled, batch_size=batch_size)):
+        for i, chunk in enumerate(model.decode_stream(z, scaled=scaled, batch_size=batch_size, tile=tile)):
             writer.write(chunk)
             frames += chunk.shape[2]
             advance(i + 1)
@@ -45,9 +55,9 @@ def decode(model, z, out: str, batch_size, scaled: bool, fps: float) -> None:
     click.echo(f"wrote {', '.join(map(str, writer.paths))} ({frames} frames at {fps:g} fps)", err=True)
 
 
-def encode(model, inputs: tuple[str, ...], out: str, batch_size, scaled: bool) -> None:
+def encode(model, inputs: tuple[str, ...], out: str, batch_size, scaled: bool, tile: int | None = None) -> None:
     """A video file, a PNG folder or a .npy/.npz clip (N, 3, T, H, W) -> latents: .npy (the means,
-    N, c, 1 + k, h, w) or .npz (mean, logvar)."""
+    N, c, 1 + k, h, w) or .npz (mean, logvar); in tiles of `tile` latent pixels if given."""
     if Path(out).suffix.lower() not in ARRAY_SUFFIXES:
         raise InputError(f"{out}: expected an output ending in .npy (the means) or .npz (mean and logvar)")
     if len(inputs) != 1:
@@ -68,7 +78,7 @@ def encode(model, inputs: tuple[str, ...], out: str, batch_size, scaled: bool) -
     bar, advance = _progress(1 + (count - 1) // t if count else 0, "encoding frames")
     means, logvars = [], []
     with bar:
-        for i, post in enumerate(model.encode_stream(frames, scaled=scaled, batch_size=batch_size)):
+        for i, post in enumerate(model.encode_stream(frames, scaled=scaled, batch_size=batch_size, tile=tile)):
             means.append(post.mean)
             logvars.append(post.logvar)
             advance(i + 1)

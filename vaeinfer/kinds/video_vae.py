@@ -2,18 +2,34 @@
 AutoencoderKLQwenImage), run as step graphs whose causal caches are explicit inputs and outputs,
 so that a clip of any length streams through in memory that does not grow with its length.
 
-A clip of 1 + t k frames (t the temporal downsampling, 4 for Wan) has 1 + k latent frames:
+A clip of 1 + t k frames (t the temporal downsampling, 4 for Wan) has 1 + k latent frames. Each
+step is split in two graphs at the model's mid-block, so that the heavy full-resolution part runs
+on spatial tiles (vaeinfer.video_vae; exact: every layer outside the mid-block's attention is
+spatially local) while the attention sees the whole frame at latent resolution:
 
-- decoder_first: z (N, c, 1, h, w) -> frames (N, C, 1, H, W), next_cache_i (the caches after the
-  first latent frame); decoder: z (N, c, 1, h, w), cache_i -> frames (N, C, t, H, W), next_cache_i,
-  once per later latent frame;
-- encoder_first: x (N, C, 1, H, W) -> latent_mean, latent_logvar (N, c, 1, h, w), next_cache_i;
-  encoder: x (N, C, t, H, W), cache_i -> latent_mean, latent_logvar, next_cache_i, once per later chunk of t frames.
+- decoder_first / decoder: z (N, c, 1, h, w) -> decoder_hidden (N, d, 1, h, w), next_cache_i: the
+  decoder's conv_in and mid-block, on the whole frame (decoder_first on the first latent frame,
+  with no cache in; decoder on each later one);
+- decoder_first_up / decoder_up: decoder_hidden (a tile of it) -> frames (N, C, 1 or t, f h, f w),
+  next_cache_i: the up blocks and the head (unpatchify and the final clamp inside), per tile;
+- encoder_first / encoder: x (N, C, 1 or t, f h, f w) (a tile of the frames) -> encoder_hidden
+  (N, e, 1, h, w), next_cache_i: patchify, conv_in and the down blocks, per tile (encoder_first on
+  the first frame, encoder on each later chunk of t frames);
+- encoder_first_mid / encoder_mid: encoder_hidden -> latent_mean, latent_logvar (N, c, 1, h, w),
+  next_cache_i: the mid-block, the head and quant_conv (the logvar clamp inside), on the whole frame.
 
-Each cache i has a shape (N, channels, frames, s h, s w) recorded in the manifest's latent slot
-(`decoder_cache` / `encoder_cache`: [channels, frames, s] each). H = f h, W = f w with f the
-spatial downsampling; h, w >= 2. Runtime: vaeinfer.video_vae.VideoVAE; export:
-vaeinfer.export.video_vae.
+Each graph has its own caches cache_0, ... (the steady graph's inputs; both graphs of a pair output
+next_cache_0, ...), shapes (N, channels, frames, s h, s w) recorded in the manifest's latent slot as
+[channels, frames, s] each: `decoder_cache` (decoder's), `decoder_up_cache`, `encoder_cache`,
+`encoder_mid_cache`; `decoder_hidden` / `encoder_hidden` are d and e; `decoder_halo` /
+`encoder_halo` the latent pixels a tile of the tiled graphs (decoder_up, encoder) needs beyond
+its core (their receptive field's radius, measured at export).
+
+Bundles exported before the split have four graphs, one per step (decoder_first / decoder: z ->
+frames; encoder_first / encoder: x -> latent_mean, latent_logvar), caches in `decoder_cache` /
+`encoder_cache`, and no `*_up_cache`, `*_mid_cache`, `*_hidden` or `*_halo` field: they run
+untiled. H = f h, W = f w with f the spatial downsampling; h, w >= 2. Runtime:
+vaeinfer.video_vae.VideoVAE; export: vaeinfer.export.video_vae.
 """
 
 from __future__ import annotations
@@ -25,8 +41,21 @@ from vaeinfer.kinds import Kind, register
 from vaeinfer.manifest_fields import finite, get, positive
 from vaeinfer.spec import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, GraphSpec, TensorSpec, example_inputs
 
-FIRST = {"decoder": "decoder_first", "encoder": "encoder_first"}  # the role of each step graph's first call
+# the role of each step graph's first call; a bundle exported before the split has the first two only
+FIRST = {"decoder": "decoder_first", "encoder": "encoder_first",
+         "decoder_up": "decoder_first_up", "encoder_mid": "encoder_first_mid"}
+TILED = {"decoder": "decoder_up", "encoder": "encoder"}  # per direction, the step graph that runs per tile
+# the latent fields of a split bundle (all or none): its second graphs' caches, the tensors
+# between the two graphs, the halos of the tiled graphs
+SPLIT_KEYS = ("decoder_up_cache", "encoder_mid_cache", "decoder_hidden", "encoder_hidden", "decoder_halo",
+              "encoder_halo")
 MAX_CACHES = 4096
+MAX_HALO = 4096
+
+
+def is_split(latent: dict) -> bool:
+    """Whether a (parsed) latent slot describes split step graphs, which run in tiles."""
+    return "decoder_halo" in latent
 
 
 def scaled_axes(s: int, f: int) -> tuple[str, str]:
@@ -49,26 +78,40 @@ def _caches(slots, f: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
             tuple(TensorSpec(n, "float32", sh) for n, sh in zip(outs, shapes)))
 
 
-def video_vae_graphs(channels: int, latent_channels: int, downsample: int, temporal: int,
-                     decoder_cache, encoder_cache) -> dict[str, GraphSpec]:
-    """The four step graphs (see the module docstring)."""
-    f = downsample
+def _pair(step: str, ins: tuple, outs: tuple, slots, f: int) -> dict[str, GraphSpec]:
+    """A step graph and its first-step graph: `ins` and `outs` are (the first graph's, the step
+    graph's) tensors; the step graph also takes the caches, and both give the next caches."""
+    cache_in, cache_out = _caches(slots, f)
+    first = FIRST[step]
+    return {first: GraphSpec(first, ins[0], (*outs[0], *cache_out)),
+            step: GraphSpec(step, (*ins[1], *cache_in), (*outs[1], *cache_out))}
 
-    def video(c, t, s):
-        return (BATCH, c, t, *scaled_axes(s, f))
 
-    z = TensorSpec("z", "float32", video(latent_channels, 1, 1))
+def video_vae_graphs(channels: int, latent: dict) -> dict[str, GraphSpec]:
+    """The step graphs (see the module docstring) for a parsed latent slot: the eight split
+    graphs, or the four of a bundle exported before the split."""
+    f, t, c = latent["downsample"], latent["temporal_downsample"], latent["channels"]
+
+    def video(name, ch, frames, s):
+        return TensorSpec(name, "float32", (BATCH, ch, frames, *scaled_axes(s, f)))
+
+    def both(v):
+        return (v,), (v,)
+
+    z = video("z", c, 1, 1)
     # not "mean": the exporter names the value of an internal torch.mean (Wan 2.2's AvgDown3D) so
-    stats = (TensorSpec("latent_mean", "float32", video(latent_channels, 1, 1)),
-             TensorSpec("latent_logvar", "float32", video(latent_channels, 1, 1)))
-    dec_in, dec_out = _caches(decoder_cache, f)
-    enc_in, enc_out = _caches(encoder_cache, f)
-    return {
-        "decoder_first": GraphSpec("decoder_first", (z,), (TensorSpec("frames", "float32", video(channels, 1, f)), *dec_out)),
-        "decoder": GraphSpec("decoder", (z, *dec_in), (TensorSpec("frames", "float32", video(channels, temporal, f)), *dec_out)),
-        "encoder_first": GraphSpec("encoder_first", (TensorSpec("x", "float32", video(channels, 1, f)),), (*stats, *enc_out)),
-        "encoder": GraphSpec("encoder", (TensorSpec("x", "float32", video(channels, temporal, f)), *enc_in), (*stats, *enc_out)),
-    }
+    stats = (video("latent_mean", c, 1, 1), video("latent_logvar", c, 1, 1))
+    x = (video("x", channels, 1, f),), (video("x", channels, t, f),)
+    frames = (video("frames", channels, 1, f),), (video("frames", channels, t, f),)
+    if not is_split(latent):
+        return {**_pair("decoder", both(z), frames, latent["decoder_cache"], f),
+                **_pair("encoder", x, (stats, stats), latent["encoder_cache"], f)}
+    dec = both(video("decoder_hidden", latent["decoder_hidden"], 1, 1))
+    enc = both(video("encoder_hidden", latent["encoder_hidden"], 1, 1))
+    return {**_pair("decoder", both(z), dec, latent["decoder_cache"], f),
+            **_pair("decoder_up", dec, frames, latent["decoder_up_cache"], f),
+            **_pair("encoder", x, enc, latent["encoder_cache"], f),
+            **_pair("encoder_mid", enc, (stats, stats), latent["encoder_mid_cache"], f)}
 
 
 def _slots(latent: dict, key: str, f: int) -> list[list[int]]:
@@ -82,10 +125,19 @@ def _slots(latent: dict, key: str, f: int) -> list[list[int]]:
     return [list(s) for s in slots]
 
 
+def _halo(latent: dict, key: str) -> int:
+    value = get(latent, key, int, "latent")
+    if not 0 <= value <= MAX_HALO:
+        raise BundleError(f"manifest: expected latent.{key} (latent pixels a tile needs beyond its core) "
+                          f"in [0, {MAX_HALO}], got {value}")
+    return value
+
+
 def parse_latent(latent: dict) -> dict:
     """{"channels", "downsample" (spatial), "temporal_downsample", "latents_mean", "latents_std"
     (per channel: diffusion latents are (z - mean) / std), "patch_size", "stochastic",
-    "decoder_cache", "encoder_cache"}."""
+    "decoder_cache", "encoder_cache"}, and for split step graphs (`is_split`) "decoder_up_cache",
+    "encoder_mid_cache", "decoder_hidden", "encoder_hidden", "decoder_halo", "encoder_halo"."""
     out = {"channels": positive(latent, "channels", "latent", 4096),
            "downsample": positive(latent, "downsample", "latent", 1024),
            "temporal_downsample": positive(latent, "temporal_downsample", "latent", 64),
@@ -100,6 +152,17 @@ def parse_latent(latent: dict) -> dict:
         out[key] = [float(v) for v in values]
     for key in ("decoder_cache", "encoder_cache"):
         out[key] = _slots(latent, key, out["downsample"])
+    present = [k for k in SPLIT_KEYS if k in latent]
+    if present and len(present) < len(SPLIT_KEYS):
+        raise BundleError(f"manifest: latent has {present} but not {[k for k in SPLIT_KEYS if k not in latent]}: "
+                          f"split step graphs need all of {list(SPLIT_KEYS)}")
+    if present:
+        for key in ("decoder_up_cache", "encoder_mid_cache"):
+            out[key] = _slots(latent, key, out["downsample"])
+        for key in ("decoder_hidden", "encoder_hidden"):
+            out[key] = positive(latent, key, "latent", 65536)
+        for key in ("decoder_halo", "encoder_halo"):
+            out[key] = _halo(latent, key)
     return out
 
 
@@ -134,16 +197,17 @@ def _example_sizes(manifest) -> dict:
     f = manifest.latent["downsample"]
     h, w = (max(2, min(side, EXAMPLE_SIDE) // f) for side in manifest.image[1:])
     sizes = {}
-    for _, _, s in (*manifest.latent["decoder_cache"], *manifest.latent["encoder_cache"], (0, 0, 1), (0, 0, f)):
+    lat = manifest.latent
+    slots = [s for key in ("decoder_cache", "encoder_cache", "decoder_up_cache", "encoder_mid_cache")
+             for s in lat.get(key, ())]
+    for _, _, s in (*slots, (0, 0, 1), (0, 0, f)):
         ah, aw = scaled_axes(s, f)
         sizes[ah], sizes[aw] = s * h, s * w
     return sizes
 
 
 def _graphs(m) -> dict:
-    lat = m.latent
-    return video_vae_graphs(m.image[0], lat["channels"], lat["downsample"], lat["temporal_downsample"],
-                            lat["decoder_cache"], lat["encoder_cache"])
+    return video_vae_graphs(m.image[0], m.latent)
 
 
 def runtime_class() -> type:
@@ -156,5 +220,7 @@ KIND = register(Kind(
     name="video-vae", runtime_class=runtime_class,
     parse_latent=parse_latent, feeds_from_encoder=feeds_from_encoder, graphs=_graphs, int_limits=lambda m: {},
     latent_keys=("z", "mean"), sample_options=("height", "width"), channels=(3,), likelihoods=("gaussian",), scale_optional=True,
-    parse_image=parse_image, example_feeds=example_feeds, companions={role: (first,) for role, first in FIRST.items()},
+    parse_image=parse_image, example_feeds=example_feeds, companions={
+        "decoder": ("decoder_first", "decoder_first_up", "decoder_up"),
+        "encoder": ("encoder_first", "encoder_first_mid", "encoder_mid")},
 ))
