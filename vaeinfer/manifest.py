@@ -11,6 +11,9 @@ MINOR of a MAJOR it knows (a newer MINOR only adds optional fields).
        (e.g. "height") besides "batch". Every 1.0 bundle is a valid 1.1 bundle.
   1.2: a VQ-VAE's optional cached prior graphs (prior.cache, graphs.prior_row / prior_step;
        vaeinfer.prior_sampling). Without them a bundle samples through the full prior graph.
+  1.3: a spatial VAE's optional exact-tiling stage graphs (the `exact_tiling` slot); kind
+       "video-vae", whose step graphs may be split at the mid-block (latent.decoder_hidden and
+       the other split fields, all or none: vaeinfer.kinds.video_vae) so that frames run in tiles.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ one warm-up decode of a 1-latent-frame clip (a first call's setup is not per-fra
 Paths: vaeinfer decode (onnxruntime CPU, fp32, the decoder's graphs only (`roles=("decoder",)`, as
 `vaeinfer decode` loads them), the frames kept: the whole clip is the output); vaeinfer-bf16 (the
 same on OpenVINO in bf16);
-vaeinfer decode_stream (the frames dropped as they come: what a video writer does); diffusers
+vaeinfer decode_stream (the frames dropped as they come: what a video writer does); vaeinfer-tiled
+(decode with tile= half the latent side: four exact spatial tiles per frame); diffusers
 eager fp32; diffusers bf16 autocast; diffusers fp32 with enable_tiling() and with tiling under bf16
 autocast. The error of each path is against diffusers fp32 (the reference clip, saved by the
 first fp32 run). One run each (the goal is a table, not a distribution): per-frame times of a few
@@ -35,7 +36,7 @@ from benchmarks.harness import memory
 from benchmarks.harness import report as results
 from benchmarks.harness.cli import description, int_list, name_list
 
-PATHS = ("vaeinfer", "vaeinfer-stream", "vaeinfer-bf16", "diffusers-fp32", "diffusers-bf16", "diffusers-tiled-fp32",
+PATHS = ("vaeinfer", "vaeinfer-stream", "vaeinfer-tiled", "vaeinfer-bf16", "diffusers-fp32", "diffusers-bf16", "diffusers-tiled-fp32",
          "diffusers-tiled-bf16")
 QUICK = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
@@ -60,11 +61,12 @@ def child(path: str, model_dir: str, bundle: str, t: int, side: int, threads: in
         # the backend that has it (OpenVINO)
         m = vaeinfer.load(bundle, threads=threads, precision="bf16" if path == "vaeinfer-bf16" else "fp32",
                           roles=("decoder",))
-        m.decode(z[:, :, :1])  # warm-up
+        tile = max(1, side // 2) if path == "vaeinfer-tiled" else None
+        m.decode(z[:, :, :1], tile=tile)  # warm-up
         after_load = memory.peak_rss_mib()
         t0 = time.perf_counter()
         if path != "vaeinfer-stream":
-            out = m.decode(z)
+            out = m.decode(z, tile=tile)
         else:
             frames, out = 0, None
             for chunk in m.decode_stream(z):
@@ -141,11 +143,11 @@ def summary(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     longest = max((r["latent_frames"] for r in ok), default=None)
     out = {}
-    for path in ("vaeinfer", "vaeinfer-stream", "vaeinfer-bf16"):
+    for path in ("vaeinfer", "vaeinfer-stream", "vaeinfer-tiled", "vaeinfer-bf16"):
         mine = sorted((r for r in ok if r["path"] == path), key=lambda r: r["latent_frames"])
         if len(mine) >= 2:
             out[f"{path}_rss_growth"] = mine[-1]["peak_rss_mib"] / mine[0]["peak_rss_mib"] - 1
-    errs = [r["max_abs_err_vs_diffusers_fp32"] for r in ok if r["path"] == "vaeinfer"
+    errs = [r["max_abs_err_vs_diffusers_fp32"] for r in ok if r["path"] in ("vaeinfer", "vaeinfer-tiled")
             and r["max_abs_err_vs_diffusers_fp32"] is not None]
     out["vaeinfer_max_abs_err"] = max(errs) if errs else None
     at = [r for r in ok if r["latent_frames"] == longest]
@@ -172,6 +174,7 @@ def table(report: dict) -> list[str]:
     lines += ["", f"vaeinfer peak RSS growth from the shortest to the longest clip: "
                   f"{fmt(s.get('vaeinfer_rss_growth'), '+.1%')} (decode, frames kept), "
                   f"{fmt(s.get('vaeinfer-stream_rss_growth'), '+.1%')} (decode_stream), "
+                  f"{fmt(s.get('vaeinfer-tiled_rss_growth'), '+.1%')} (tiled), "
                   f"{fmt(s.get('vaeinfer-bf16_rss_growth'), '+.1%')} (bf16); worst fp32 error "
                   f"{fmt(s.get('vaeinfer_max_abs_err'), '.2g')}; per-frame speed-up over the fastest diffusers path "
                   f"at the longest clip: {fmt(s.get('vaeinfer_speedup_vs_fastest_diffusers'), '.2f')}x (fp32), "
