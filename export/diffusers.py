@@ -204,6 +204,7 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
     say = progress or (lambda _msg: None)
     src = Path(src)
     module, cfg = load_module(src, config)
+    subpixel.install(module)  # its upsamplers traced as 2x2 convolutions; eager calls (validation) unchanged
     if type(module).__name__ in VIDEO_FAMILIES:
         from vaeinfer.export.video_vae import export_video_vae
 
@@ -221,7 +222,6 @@ def from_diffusers(src: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
             path = _add_variants(path, precisions, calib, held, f"smooth synthetic clips of {calib.shape[2]} frames "
                                  f"{calib.shape[3]}x{calib.shape[4]} (vaeinfer.export.video_vae.variant_clips)", progress)
         return path
-    subpixel.install(module)  # its upsamplers traced as 2x2 convolutions; eager calls (validation) unchanged
     facts = _facts(module, cfg)
     encoder = facts.pop("encoder")
     native = int(cfg.get("sample_size") or 512)

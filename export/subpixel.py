@@ -11,7 +11,8 @@ one thread (256 channels, 64x512 -> 128x1024). Only the weights' summation order
 ~1e-6 on SD's decoder).
 
 `install(module)` applies it to every diffusers `Upsample2D` of that form inside `module`, and to
-every nn.Upsample(nearest, 2x) followed by such a Conv2d in an nn.Sequential (TAESD), while it is
+every nn.Upsample(nearest, 2x) followed by such a Conv2d in an nn.Sequential (TAESD; Wan's and
+Qwen-Image's per-frame upsamplers, whose nearest-exact reads the same pixels at 2x), while it is
 traced for export (`torch.onnx.is_in_onnx_export()`: either exporter); run eagerly, the module is
 diffusers' own, so every export is still validated against the original computation.
 """
@@ -69,14 +70,16 @@ def _when_exporting(m: nn.Module, traced) -> None:
 
 
 def _nearest2x(m) -> bool:
-    return (isinstance(m, nn.Upsample) and m.mode == "nearest" and m.size is None
+    # "nearest-exact" reads floor((i + 0.5) / 2) = floor(i / 2) at a scale of exactly 2: the same pixels
+    return (isinstance(m, nn.Upsample) and m.mode in ("nearest", "nearest-exact") and m.size is None
             and m.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)))
 
 
 def install(module: nn.Module) -> int:
     """Trace each nearest 2x upsampling followed by a 3x3 'same' conv in `module` as four 2x2
     convolutions (see the module docstring): diffusers' Upsample2D (AutoencoderKL, VQModel) and an
-    nn.Upsample followed by such a Conv2d in an nn.Sequential (AutoencoderTiny). Returns how many.
+    nn.Upsample (nearest or nearest-exact) followed by such a Conv2d in an nn.Sequential
+    (AutoencoderTiny; the video VAEs' spatial upsamplers, applied frame by frame). Returns how many.
     Eager calls are unchanged."""
     count = 0
     for m in list(module.modules()):

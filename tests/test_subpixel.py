@@ -26,7 +26,9 @@ def _spec():
 @pytest.mark.parametrize("make", [
     lambda: Upsample2D(C, use_conv=True, out_channels=C),  # AutoencoderKL, VQModel
     lambda: torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(C, C, 3, padding=1, bias=False)),  # TAESD
-], ids=["Upsample2D", "Upsample+Conv2d"])
+    lambda: torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),  # Wan, Qwen-Image
+                                torch.nn.Conv2d(C, C, 3, padding=1)),
+], ids=["Upsample2D", "Upsample+Conv2d", "nearest-exact+Conv2d"])
 def test_traced_as_four_2x2_convolutions_with_the_same_values(make):
     import onnxruntime as ort
 
