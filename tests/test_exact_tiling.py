@@ -124,13 +124,13 @@ def test_spill_file_gathers_narrow_tiles_in_bands(tmp_path):
         for n in range(2):
             for y0, y1 in ((0, 4), (4, 7)):
                 for x0, x1 in ((0, 3), (3, 8), (8, 10)):
-                    disk.write(n, y0, x0, a[n, :, y0:y1, x0:x1])
+                    et._store(None, disk, None, n, y0, x0, a[n, :, y0:y1, x0:x1])
                     assert (disk.band is None) == (x1 == 10)  # a band goes to the file once complete
         np.testing.assert_array_equal(disk.read(1, 0, 7, 0, 10), a[1])
         np.testing.assert_array_equal(disk.read(0, 2, 6, 1, 9, 1, 3), a[0, 1:3, 2:6, 1:9])
-        disk.write(0, 0, 0, a[0, :, 0:2, 0:5])
+        et._store(None, disk, None, 0, 0, 0, a[0, :, 0:2, 0:5])
         with pytest.raises(RuntimeError, match="before the band"):
-            disk.write(0, 2, 5, a[0, :, 2:4, 5:10])
+            et._store(None, disk, None, 0, 2, 5, a[0, :, 2:4, 5:10])
         with pytest.raises(RuntimeError, match="before its band"):
             disk.read(0, 0, 2, 0, 10)
     finally:

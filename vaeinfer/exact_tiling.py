@@ -333,17 +333,15 @@ class _Memory:
     def begin(self, n, y0, x0, c, h, w):
         pass
 
-    def put(self, n, c0, y0, x0, part, scratch=None) -> np.ndarray:
-        """Store channels c0.. of a tile; returns where they now are (read again while in cache)."""
+    def put(self, n, c0, y0, x0, part, scratch) -> np.ndarray:
+        """Store channels c0.. of a tile; returns where they now are (read again while in cache).
+        scratch: a float32 buffer at least part's size (a _Disk's needs one)."""
         view = self.a[n, c0:c0 + part.shape[0], y0:y0 + part.shape[1], x0:x0 + part.shape[2]]
         view[...] = part
         return view
 
     def end(self, n, y0, x0, h, w):
         pass
-
-    def write(self, n, y0, x0, block):
-        _store(None, self, None, n, y0, x0, block)
 
     def close(self):
         self.a = None
@@ -397,13 +395,13 @@ class _Disk:
         if (bn, by0, buf.shape[1]) != (n, y0, h):
             raise RuntimeError(f"exact tiling: tile at row {y0} written before the band at row {by0} was complete")
 
-    def put(self, n, c0, y0, x0, part, scratch=None) -> np.ndarray:
+    def put(self, n, c0, y0, x0, part, scratch) -> np.ndarray:
         """Full-width rows: copied to `scratch` (contiguous) and written; a narrower tile: into the band."""
         if part.shape[2] != self.shape[3]:
             view = self.band[2][c0:c0 + part.shape[0], :, x0:x0 + part.shape[2]]
             view[...] = part
             return view
-        buf = np.empty(part.shape, np.float32) if scratch is None else scratch[:part.shape[0]]
+        buf = scratch[:part.shape[0]]
         buf[...] = part
         for j in range(part.shape[0]):
             _pwrite(self.fd, buf[j], self._offset(n, c0 + j, y0, 0))
@@ -421,9 +419,6 @@ class _Disk:
                 for c in range(a, b):
                     _pwrite(self.fd, buf[c], self._offset(n, c, y0, 0))
             _by_channels(self.pool, write, 0, buf.shape[0])
-
-    def write(self, n, y0, x0, block):
-        _store(self.pool, self, None, n, y0, x0, block)
 
     def close(self):
         self.band = None
