@@ -26,20 +26,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _merge(w: torch.Tensor, phase: int, dim: int) -> torch.Tensor:
+    """The 3 taps of w along `dim` as the 2 that output phase 0 (reading x at offsets -1, 0) or 1
+    (offsets 0, +1) applies: the taps that read the same pixel of x summed."""
+    if phase == 0:
+        return torch.cat([w.narrow(dim, 0, 1), w.narrow(dim, 1, 2).sum(dim, keepdim=True)], dim)
+    return torch.cat([w.narrow(dim, 0, 2).sum(dim, keepdim=True), w.narrow(dim, 2, 1)], dim)
+
+
 class SubpixelConv(nn.Module):
     """conv3x3(nearest2x(x)) for a Conv2d(c, o, 3, padding=1) as four 2x2 convolutions of x."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         w = conv.weight.detach().double()
-        # kernel rows (then columns) merged per phase: phase 0 reads x at offsets (-1, 0), phase 1 at (0, +1)
-        rows = (torch.cat([w[:, :, :1], w[:, :, 1:].sum(2, keepdim=True)], 2),
-                torch.cat([w[:, :, :2].sum(2, keepdim=True), w[:, :, 2:]], 2))
         for a in (0, 1):
-            r = rows[a]
-            for b in (0, 1):
-                k = (torch.cat([r[..., :1], r[..., 1:].sum(3, keepdim=True)], 3) if b == 0 else
-                     torch.cat([r[..., :2].sum(3, keepdim=True), r[..., 2:]], 3))
+            for b in (0, 1):  # rows, then columns
+                k = _merge(_merge(w, a, 2), b, 3)
                 self.register_parameter(f"weight_{a}{b}", nn.Parameter(k.to(conv.weight.dtype), requires_grad=False))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
@@ -49,8 +52,7 @@ class SubpixelConv(nn.Module):
         # (N, O, 4, h, w) -> channel o * 4 + 2a + b: DepthToSpace's (CRD) order; the channel count
         # written as a constant so that the traced graph's output keeps it
         n, _, h, w = x.shape
-        return F.pixel_shuffle(torch.stack(phases, 2).reshape(n, 4 * self.bias.shape[0] if self.bias is not None
-                                                              else 4 * self.weight_00.shape[0], h, w), 2)
+        return F.pixel_shuffle(torch.stack(phases, 2).reshape(n, 4 * self.weight_00.shape[0], h, w), 2)
 
 
 def eligible(conv) -> bool:
